@@ -1,0 +1,1103 @@
+#!/usr/bin/env python3
+"""certproxy: send mail through your own mail server from any network, trusted by certificates alone.
+
+Laptop side (client mode): listen on 127.0.0.1:2525 in plain SMTP, carry every session to the
+upstream mail server over STARTTLS or implicit TLS, presenting a client certificate and accepting
+only the server certificate (or public key) that was pinned::
+
+    certproxy client --upstream mail.example.org:587 \\
+        --cert certs/laptop.pem --key certs/laptop.key \\
+        --pin AB:CD:...:EF
+
+Any failure before the splice (no upstream, no STARTTLS, a pin mismatch, a timeout) is answered
+with ``421 4.x.x reason`` so the mail client keeps the message queued. Nothing is ever sent in clear
+but EHLO, STARTTLS and QUIT.
+
+Works with plain asyncio; uses uvloop when it is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import enum
+import hashlib
+import ipaddress
+import itertools
+import logging
+import os
+import re
+import signal
+import socket
+import ssl
+import sys
+import time
+from dataclasses import dataclass
+
+__version__ = "0.1.0"
+__all__ = [
+    "CertProxyError",
+    "ClientConfig",
+    "ClientService",
+    "ConfigError",
+    "Endpoint",
+    "Pins",
+    "Reply",
+    "ReplyParser",
+    "SessionError",
+    "StartTLSClient",
+    "TLSMode",
+    "main",
+    "make_certificate",
+    "parse_fingerprint",
+]
+
+log = logging.getLogger("certproxy")
+
+# region Defaults ---------------------------------------------------------------------------------
+
+DEFAULT_CLIENT_LISTEN = "127.0.0.1:2525"
+DEFAULT_EHLO = "localhost"
+IMPLICIT_TLS_PORT = 465  # RFC 8314: submissions (implicit TLS)
+MAX_REPLY_LINE = 2048  # RFC 5321 4.5.3.1.5 says 512 octets; leave room for long EHLO lines, stay bounded
+MAX_REPLY_LINES = 64  # lines in one multi-line reply before we call it hostile
+CONNECT_TIMEOUT_S = 30.0  # per upstream address
+DIALOGUE_TIMEOUT_S = 60.0  # whole pre-TLS dialogue (greeting, EHLO, STARTTLS)
+HANDSHAKE_TIMEOUT_S = 30.0  # TLS handshake
+IDLE_TIMEOUT_S = 600.0  # RFC 5321 4.5.3.2.7: server timeout for the DATA termination is 10 minutes
+CLOSE_LINGER_S = 30.0  # after a half-close that TLS cannot forward, wait this long for the other side
+MAX_CONNECTIONS = 100  # concurrent sessions per client listener
+LISTEN_BACKLOG = 128
+
+# endregion
+# region Errors -----------------------------------------------------------------------------------
+
+
+class CertProxyError(Exception):
+    """Base of everything certproxy raises on purpose."""
+
+
+class ConfigError(CertProxyError):
+    """A bad option; the message names it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+class SessionError(CertProxyError):
+    """A session cannot go on. ``reply`` is the SMTP reply owed to the peer, ``reason`` the log text.
+
+    The reply never carries exception text: it is a fixed string chosen where the error is raised.
+    """
+
+    def __init__(self, reply: str, reason: str) -> None:
+        super().__init__(reason)
+        self.reply = reply
+        self.reason = reason
+
+
+class ProtocolError(SessionError):
+    """The SMTP peer did something the protocol (or our security policy) does not allow."""
+
+
+class PeerRejected(SessionError):
+    """The peer's certificate is not the one we trust."""
+
+
+# endregion
+# region Configuration ----------------------------------------------------------------------------
+
+
+class TLSMode(enum.Enum):
+    STARTTLS = "starttls"
+    IMPLICIT = "tls"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str, option: str) -> Endpoint:
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", text.strip())
+        if not m:
+            raise ConfigError(option, f"{text!r} is not HOST:PORT (use [ADDR]:PORT for IPv6)")
+        host = m.group(1) or m.group(3)
+        port = int(m.group(2) or m.group(4))
+        if not 0 <= port <= 65535:
+            raise ConfigError(option, f"{text!r}: port must be 0-65535")
+        return cls(host=host, port=port)
+
+    def is_loopback(self) -> bool:
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+_FP_PREFIX = re.compile(r"^(?:sha-?256)(?:\s*fingerprint)?\s*[:=]?\s*", re.IGNORECASE)
+
+
+def parse_fingerprint(text: str) -> bytes:
+    """A SHA-256 fingerprint in any spelling people paste, as 32 bytes.
+
+    Accepts ``AB:CD:...`` (openssl, Postfix), plain hex in any case (Exim), and a ``sha256:``,
+    ``SHA256=`` or ``sha256 Fingerprint=`` prefix. Raises ValueError otherwise.
+    """
+    s = _FP_PREFIX.sub("", text.strip())
+    if ":" in s:
+        parts = s.split(":")
+        if len(parts) != 32 or not all(re.fullmatch(r"[0-9A-Fa-f]{2}", p) for p in parts):
+            raise ValueError(f"{text!r} is not a SHA-256 fingerprint (32 hex pairs separated by ':')")
+        s = "".join(parts)
+    if not re.fullmatch(r"[0-9A-Fa-f]{64}", s):
+        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, ':' optional)")
+    return bytes.fromhex(s)
+
+
+def format_fingerprint(digest: bytes) -> str:
+    """``AB:CD:...``: the spelling of openssl and Postfix, and the one our log lines use."""
+    return ":".join(f"{b:02X}" for b in digest)
+
+
+def cert_fingerprint(der: bytes) -> bytes:
+    return hashlib.sha256(der).digest()
+
+
+def spki_fingerprint(der: bytes) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_der_x509_certificate(der).public_key()
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Pins:
+    """SHA-256 digests of certificates or of their public keys (SPKI); any one matching is enough."""
+
+    digests: frozenset[bytes]
+
+    @classmethod
+    def parse(cls, texts: list[str] | tuple[str, ...], option: str) -> Pins:
+        digests = set()
+        for text in texts:
+            try:
+                digests.add(parse_fingerprint(text))
+            except ValueError as e:
+                raise ConfigError(option, str(e)) from None
+        return cls(frozenset(digests))
+
+    def match(self, der: bytes) -> bool:
+        # One hash and a set lookup on the hot path; the SPKI is only computed for key pins.
+        return cert_fingerprint(der) in self.digests or spki_fingerprint(der) in self.digests
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Upstream:
+    endpoint: Endpoint
+    mode: TLSMode
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    connect: float = CONNECT_TIMEOUT_S
+    dialogue: float = DIALOGUE_TIMEOUT_S
+    handshake: float = HANDSHAKE_TIMEOUT_S
+    idle: float = IDLE_TIMEOUT_S
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    listen: Endpoint
+    upstreams: tuple[Upstream, ...]
+    cert: str
+    key: str | None = None
+    pins: Pins = Pins(frozenset())
+    ca: str | None = None
+    server_name: str | None = None
+    ehlo: str = DEFAULT_EHLO
+    allow_remote_clients: bool = False
+    max_connections: int = MAX_CONNECTIONS
+    timeouts: Timeouts = Timeouts()
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            raise ConfigError("--upstream", "at least one upstream is required")
+        if not self.pins.digests and not self.ca:
+            raise ConfigError("--pin", "give --pin FINGERPRINT and/or --ca FILE: refusing to trust an unauthenticated server")
+        if not self.listen.is_loopback() and not self.allow_remote_clients:
+            raise ConfigError(
+                "--listen",
+                f"{self.listen} is not a loopback address; anyone who reaches it could send mail with your "
+                "certificate. Add --allow-remote-clients if that is really what you want",
+            )
+        if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", self.ehlo):
+            raise ConfigError("--ehlo", f"{self.ehlo!r} is not a valid EHLO name")
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections", "must be at least 1")
+        if self.timeouts.idle <= 0:
+            raise ConfigError("--idle-timeout", "must be positive")
+
+
+def upstream_mode(endpoint: Endpoint, starttls: bool, tls: bool) -> TLSMode:
+    """``--tls`` / ``--starttls`` if given, else implicit TLS on port 465 and STARTTLS elsewhere."""
+    if tls:
+        return TLSMode.IMPLICIT
+    if starttls:
+        return TLSMode.STARTTLS
+    return TLSMode.IMPLICIT if endpoint.port == IMPLICIT_TLS_PORT else TLSMode.STARTTLS
+
+
+# endregion
+# region TLS contexts -----------------------------------------------------------------------------
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # Leaf certificates as trust anchors need PARTIAL_CHAIN; Python 3.13 adds X509_STRICT, which
+    # rejects many self-signed certificates people already have. Choose the flags ourselves.
+    ctx.verify_flags = (ctx.verify_flags | ssl.VERIFY_X509_PARTIAL_CHAIN) & ~getattr(ssl, "VERIFY_X509_STRICT", 0)
+
+
+def _no_password() -> bytes:
+    return b""  # an encrypted key then fails to load instead of prompting on the terminal
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:
+    for option, path in (("--cert", cert), ("--key", key)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(option, f"cannot read {path!r}")
+    try:
+        ctx.load_cert_chain(cert, key, password=_no_password)
+    except ssl.SSLError as e:
+        what = "--key" if key else "--cert"
+        raise ConfigError(
+            what,
+            f"cannot load the certificate {cert!r} with its key{' ' + repr(key) if key else ''} "
+            f"({e.reason or e}); the key must be unencrypted PEM and match the certificate",
+        ) from None
+
+
+def client_context(cfg: ClientConfig) -> ssl.SSLContext:
+    """The context for talking to the upstream: our client certificate; pins and/or a CA for the server."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx)
+    if cfg.ca:
+        try:
+            ctx.load_verify_locations(cafile=cfg.ca)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError("--ca", f"cannot load CA bundle {cfg.ca!r}: {e}") from None
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        # Pins only: the chain is not checked by OpenSSL; the pin is checked right after the handshake,
+        # before a single byte of the session crosses.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    _load_cert_chain(ctx, cfg.cert, cfg.key)
+    return ctx
+
+
+def peer_certificate(transport: asyncio.BaseTransport) -> bytes | None:
+    sslobj = transport.get_extra_info("ssl_object")
+    return sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+
+
+def tls_facts(transport: asyncio.BaseTransport) -> dict[str, str]:
+    sslobj = transport.get_extra_info("ssl_object")
+    if sslobj is None:
+        return {}
+    cipher = sslobj.cipher()
+    return {"tls": sslobj.version() or "?", "cipher": cipher[0] if cipher else "?"}
+
+
+# endregion
+# region SMTP dialogue, client side (sans-IO) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    lines: tuple[str, ...]
+
+    def keywords(self) -> set[str]:
+        """EHLO extension keywords (the first word of each line but the first), upper-cased."""
+        return {line.split(" ", 1)[0].upper() for line in self.lines[1:] if line}
+
+
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?", re.DOTALL)
+
+
+class ReplyParser:
+    """Bytes in, complete SMTP replies out. Bounded: line length and lines per reply."""
+
+    __slots__ = ("_buf", "_lines", "_code")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._lines: list[str] = []
+        self._code: int | None = None
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes received but not yet part of a complete reply (a partial line or a reply in progress)."""
+        pending = "".join(f"{self._code}-{line}\r\n" for line in self._lines).encode()
+        return pending + bytes(self._buf)
+
+    def feed(self, data: bytes) -> list[Reply]:
+        """Append ``data`` and return every reply it completes."""
+        self._buf += data
+        replies = []
+        while (reply := self.next_reply()) is not None:
+            replies.append(reply)
+        return replies
+
+    def next_reply(self, data: bytes = b"") -> Reply | None:
+        """Append ``data``; return the next complete reply, or None if more bytes are needed."""
+        self._buf += data
+        while True:
+            end = self._buf.find(b"\n")
+            if end < 0:
+                if len(self._buf) > MAX_REPLY_LINE:
+                    raise ProtocolError("421 4.5.0 upstream reply line too long", "upstream sent a reply line over the limit")
+                return None
+            raw = bytes(self._buf[:end]).rstrip(b"\r")
+            if len(raw) > MAX_REPLY_LINE:
+                raise ProtocolError("421 4.5.0 upstream reply line too long", "upstream sent a reply line over the limit")
+            m = _REPLY_LINE.fullmatch(raw)
+            if not m:
+                raise ProtocolError("421 4.5.0 upstream spoke something other than SMTP",
+                                    f"upstream sent a malformed reply line {raw[:60]!r}")
+            code = int(m.group(1))
+            if self._code is not None and code != self._code:
+                raise ProtocolError("421 4.5.0 upstream spoke something other than SMTP",
+                                    "upstream changed the reply code inside a multi-line reply")
+            del self._buf[: end + 1]
+            self._code = code
+            self._lines.append((m.group(3) or b"").decode("utf-8", "replace"))
+            if m.group(2) == b"-":
+                if len(self._lines) >= MAX_REPLY_LINES:
+                    raise ProtocolError("421 4.5.0 upstream reply too long", "upstream sent a reply with too many lines")
+                continue
+            reply = Reply(code, tuple(self._lines))
+            self._lines, self._code = [], None
+            return reply
+
+
+class _ClientState(enum.Enum):
+    GREETING = "greeting"
+    EHLO = "EHLO"
+    STARTTLS = "STARTTLS"
+    READY = "ready"
+
+
+class StartTLSClient:
+    """The pre-TLS half of an SMTP session, client side: greeting → EHLO → STARTTLS → 220.
+
+    Feed it what the server sends (``receive_data``) and send what it returns. When ``ready`` is
+    True, TLS may start, and nothing is left over: bytes after the 220 are an injection attempt
+    (CVE-2011-0411 style) and raise instead.
+    """
+
+    __slots__ = ("_ehlo", "_parser", "state")
+
+    def __init__(self, ehlo: str = DEFAULT_EHLO) -> None:
+        self._ehlo = ehlo
+        self._parser = ReplyParser()
+        self.state = _ClientState.GREETING
+
+    @property
+    def ready(self) -> bool:
+        return self.state is _ClientState.READY
+
+    def receive_data(self, data: bytes) -> bytes:
+        """Bytes from the server in; bytes to send back out. Raises ProtocolError."""
+        if self.state is _ClientState.READY and data:
+            raise ProtocolError("421 4.7.0 upstream sent data before the TLS handshake",
+                                "upstream sent bytes after its 220 reply to STARTTLS (response injection); refused")
+        out = b""
+        reply = self._parser.next_reply(data)
+        while reply is not None:
+            if out:  # we send one command at a time, so a second reply now was never asked for
+                raise ProtocolError("421 4.5.0 upstream sent unexpected replies",
+                                    f"upstream sent an unsolicited reply during {self.state.value}")
+            out = self._on_reply(reply)
+            if self.state is _ClientState.READY:
+                if self._parser.trailing_data:
+                    raise ProtocolError("421 4.7.0 upstream sent data before the TLS handshake",
+                                        "upstream sent bytes after its 220 reply to STARTTLS "
+                                        "(response injection, CVE-2011-0411 style); refused")
+                break
+            reply = self._parser.next_reply()
+        return out
+
+    def _on_reply(self, reply: Reply) -> bytes:
+        state = self.state
+        if state is _ClientState.GREETING:
+            if reply.code != 220:
+                raise ProtocolError("421 4.3.0 upstream is not accepting mail",
+                                    f"upstream greeted with {reply.code} instead of 220")
+            self.state = _ClientState.EHLO
+            return f"EHLO {self._ehlo}\r\n".encode()
+        if state is _ClientState.EHLO:
+            if reply.code != 250:
+                raise ProtocolError("421 4.7.0 upstream does not offer STARTTLS",
+                                    f"upstream answered EHLO with {reply.code}: no ESMTP, so no STARTTLS")
+            if "STARTTLS" not in reply.keywords():
+                raise ProtocolError("421 4.7.0 upstream does not offer STARTTLS",
+                                    "upstream did not advertise STARTTLS (stripped by the network?); refusing to send in clear")
+            self.state = _ClientState.STARTTLS
+            return b"STARTTLS\r\n"
+        if state is _ClientState.STARTTLS:
+            if reply.code != 220:
+                raise ProtocolError("421 4.7.0 upstream refused STARTTLS",
+                                    f"upstream answered STARTTLS with {reply.code}; refusing to send in clear")
+            self.state = _ClientState.READY
+            return b""
+        raise AssertionError(state)
+
+
+# endregion
+# region The splice -------------------------------------------------------------------------------
+
+
+class _Pump(asyncio.Protocol):
+    """One side of a spliced pair. Knows nothing about SMTP: bytes in here go out of ``peer``.
+
+    Data arriving before the pair is linked is held (and reading paused) until ``link``.
+    Backpressure: when our transport's write buffer is full, the peer stops reading.
+    """
+
+    __slots__ = ("transport", "peer", "held", "nbytes", "lost", "eof", "waiter", "_splice")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Pump | None = None
+        self.held: list[bytes] = []
+        self.nbytes = 0
+        self.lost = False
+        self.eof = False
+        self.waiter: asyncio.Future[None] | None = None  # woken by held data or loss, before linking
+        self._splice: _Splice | None = None
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def wait_held(self) -> None:
+        """Until data has been held or the connection is gone (only before linking)."""
+        if self.held or self.lost:
+            return
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.resume_reading()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            self.held.append(data)
+            self.transport.pause_reading()
+            self._wake()
+            return
+        self._splice.touch()
+        peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is not None and not peer.lost:
+            if peer.transport.can_write_eof():
+                peer.transport.write_eof()
+            elif self._splice is not None:
+                self._splice.linger()
+        # Keep a plain side open: the other direction may still have bytes for it. (asyncio's TLS
+        # transports close on EOF whatever we answer, and warn if we answer True.)
+        return self.transport.get_extra_info("ssl_object") is None
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.lost:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.lost:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._wake()
+        peer = self.peer
+        if peer is not None and not peer.lost and peer.transport is not None:
+            peer.transport.close()  # flushes what is buffered for it first
+        if self._splice is not None:
+            self._splice.side_lost()
+
+
+class _Splice:
+    """Two linked pumps, an idle timer, and a future that completes when both sides are closed."""
+
+    def __init__(self, a: _Pump, b: _Pump, idle: float) -> None:
+        self.a, self.b = a, b
+        self.idle = idle
+        self.loop = asyncio.get_running_loop()
+        self.done = self.loop.create_future()
+        self.last = self.loop.time()
+        self.outcome = "ok"
+        self._timer = self.loop.call_later(idle, self._check_idle)
+        self._linger: asyncio.TimerHandle | None = None
+        a.peer, b.peer = b, a
+        a._splice = b._splice = self
+        for side in (a, b):
+            held, side.held = side.held, []
+            if held:
+                side.peer.transport.writelines(held)
+            if not side.lost:
+                side.transport.resume_reading()
+        for side in (a, b):
+            if side.lost:
+                side.connection_lost(None)
+
+    def touch(self) -> None:
+        self.last = self.loop.time()
+
+    def _check_idle(self) -> None:
+        due = self.last + self.idle - self.loop.time()
+        if due > 0:
+            self._timer = self.loop.call_later(due, self._check_idle)
+            return
+        self.outcome = "idle-timeout"
+        self.abort()
+
+    def linger(self) -> None:
+        if self._linger is None:
+            self._linger = self.loop.call_later(CLOSE_LINGER_S, self.close)
+
+    def close(self) -> None:
+        for side in (self.a, self.b):
+            if not side.lost and side.transport is not None:
+                side.transport.close()
+
+    def abort(self) -> None:
+        for side in (self.a, self.b):
+            if not side.lost and side.transport is not None:
+                side.transport.abort()
+
+    def side_lost(self) -> None:
+        if self.a.lost and self.b.lost and not self.done.done():
+            self._timer.cancel()
+            if self._linger is not None:
+                self._linger.cancel()
+            self.done.set_result(None)
+
+
+# endregion
+# region Client mode: dialing the upstream ---------------------------------------------------------
+
+
+class _DialogueProtocol(asyncio.Protocol):
+    """Drives a StartTLSClient over a plain transport until it is ready for TLS or fails."""
+
+    def __init__(self, dialogue: StartTLSClient) -> None:
+        self.dialogue = dialogue
+        self.transport: asyncio.Transport | None = None
+        self.result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.result.done():
+            return
+        try:
+            out = self.dialogue.receive_data(data)
+        except SessionError as e:
+            self.transport.pause_reading()
+            self.result.set_exception(e)
+            return
+        if out:
+            self.transport.write(out)
+        if self.dialogue.ready:
+            self.transport.pause_reading()  # nothing more may be read in clear
+            self.result.set_result(None)
+
+    def eof_received(self) -> bool:
+        self._fail("upstream closed the connection during the pre-TLS dialogue")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail("upstream closed the connection during the pre-TLS dialogue")
+
+    def _fail(self, reason: str) -> None:
+        if not self.result.done():
+            self.result.set_exception(SessionError("421 4.4.2 upstream closed the connection", reason))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _await_first_reply(pump: _Pump, ep: Endpoint, *, consume: bool) -> None:
+    """Wait for one complete reply inside TLS; with ``consume``, take it (it answers our own NOOP)."""
+    parser = ReplyParser()
+    replies: list[Reply] = []
+    while not replies:
+        await pump.wait_held()
+        if pump.lost and not pump.held:
+            raise SessionError("421 4.7.0 upstream closed the TLS session",
+                               f"{ep}: upstream closed the connection right after the TLS handshake; "
+                               "it probably does not accept our client certificate")
+        chunk = b"".join(pump.held)
+        pump.held.clear()
+        replies = parser.feed(chunk)
+        if not consume:
+            pump.held.append(chunk)
+        if pump.lost and not replies:
+            raise SessionError("421 4.4.2 upstream closed the connection",
+                               f"{ep}: upstream closed the connection inside TLS before replying")
+    if consume:
+        if replies[0].code // 100 != 2:
+            raise SessionError("421 4.3.0 upstream is not accepting mail",
+                               f"{ep}: upstream answered NOOP inside TLS with {replies[0].code}")
+        rest = parser.trailing_data
+        if len(replies) > 1 or rest:
+            raise ProtocolError("421 4.5.0 upstream sent unexpected replies",
+                                f"{ep}: upstream sent more than one reply to NOOP inside TLS")
+
+
+class _Upstream:
+    """A verified TLS connection to one upstream, ready to splice."""
+
+    def __init__(self, transport: asyncio.Transport, pump: _Pump, facts: dict[str, str]) -> None:
+        self.transport, self.pump, self.facts = transport, pump, facts
+
+
+async def _open_upstream(cfg: ClientConfig, ctx: ssl.SSLContext, up: Upstream) -> _Upstream:
+    """Connect, negotiate STARTTLS if needed, handshake, verify the pin, and hear the server speak
+    inside TLS. Raises SessionError (with the 421 owed to the local client)."""
+    ep = up.endpoint
+    pump = _Pump()
+    try:
+        transport = await _tls_connect(cfg, ctx, up, pump)
+        facts = _verify_server(cfg, ep, transport)
+        # TLS 1.3 finishes the client's handshake before the server has judged our certificate; a
+        # refusal arrives as an alert afterwards. So wait for the server's first words inside TLS:
+        # the greeting (implicit TLS, passed on to the client) or the reply to a NOOP (STARTTLS).
+        async with asyncio.timeout(cfg.timeouts.dialogue):
+            if up.mode is TLSMode.STARTTLS:
+                transport.write(b"NOOP\r\n")
+            await _await_first_reply(pump, ep, consume=up.mode is TLSMode.STARTTLS)
+        return _Upstream(transport, pump, facts)
+    except BaseException as e:
+        if pump.transport is not None:
+            pump.transport.abort()
+        if isinstance(e, SessionError):
+            raise
+        if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
+            raise SessionError("421 4.4.2 upstream timed out", f"{ep}: timed out") from None
+        if isinstance(e, ssl.SSLError):
+            raise SessionError("421 4.7.0 TLS with upstream failed", f"{ep}: {_describe(e)}") from None
+        if isinstance(e, OSError):
+            raise SessionError("421 4.4.1 upstream unreachable", f"{ep}: {_describe(e)}") from None
+        raise
+
+
+async def _tls_connect(cfg: ClientConfig, ctx: ssl.SSLContext, up: Upstream, pump: _Pump) -> asyncio.Transport:
+    """TCP connect; for STARTTLS the pre-TLS dialogue; the TLS handshake. ``pump`` gets the TLS transport."""
+    loop = asyncio.get_running_loop()
+    ep, to = up.endpoint, cfg.timeouts
+    sni = cfg.server_name or ep.host
+    if up.mode is TLSMode.IMPLICIT:
+        async with asyncio.timeout(to.connect + to.handshake):
+            transport, _ = await loop.create_connection(lambda: pump, ep.host, ep.port, ssl=ctx, server_hostname=sni,
+                                                        ssl_handshake_timeout=to.handshake)
+        return transport
+    dialogue = StartTLSClient(cfg.ehlo)
+    async with asyncio.timeout(to.connect):
+        plain, proto = await loop.create_connection(lambda: _DialogueProtocol(dialogue), ep.host, ep.port)
+    try:
+        async with asyncio.timeout(to.dialogue):
+            await proto.result
+    except SessionError:
+        if not plain.is_closing():
+            plain.write(b"QUIT\r\n")  # the only thing we ever send after a failed dialogue
+        plain.close()
+        raise
+    except BaseException:
+        plain.abort()
+        raise
+    try:
+        async with asyncio.timeout(to.handshake):
+            transport = await loop.start_tls(plain, pump, ctx, server_hostname=sni,
+                                             ssl_handshake_timeout=to.handshake)
+    except BaseException:
+        plain.abort()
+        raise
+    pump.connection_made(transport)
+    return transport
+
+
+def _verify_server(cfg: ClientConfig, ep: Endpoint, transport: asyncio.Transport) -> dict[str, str]:
+    """Check the pin (the CA, if any, was checked by OpenSSL). Returns the TLS facts for the log line."""
+    der = peer_certificate(transport)
+    if der is None:
+        raise PeerRejected("421 4.7.0 upstream certificate not trusted", f"{ep}: no server certificate")
+    fp = format_fingerprint(cert_fingerprint(der))
+    if cfg.pins.digests and not cfg.pins.match(der):
+        raise PeerRejected(
+            "421 4.7.0 upstream certificate not trusted",
+            f"{ep}: server certificate does not match any --pin; it presented sha256 {fp} "
+            f"(spki {format_fingerprint(spki_fingerprint(der))}); if you expected this change, "
+            f"add --pin {fp}",
+        )
+    return {**tls_facts(transport), "server_fp": fp}
+
+
+# endregion
+# region Client mode: the service -----------------------------------------------------------------
+
+_session_ids = itertools.count(1)
+
+
+def _kv(**facts: object) -> str:
+    """``key=value`` pairs, quoted where needed, in a stable order: what operators grep."""
+    out = []
+    for k, v in facts.items():
+        if v is None or v == "":
+            continue
+        s = str(v)
+        if not s or any(c in s for c in ' "=\t'):
+            s = '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        out.append(f"{k}={s}")
+    return " ".join(out)
+
+
+class _LocalPump(_Pump):
+    """The local (plain) side of a client-mode session: starts the session when a client connects."""
+
+    __slots__ = ("service",)
+
+    def __init__(self, service: ClientService) -> None:
+        super().__init__()
+        self.service = service
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        transport.pause_reading()  # nothing is read from the local client until the tunnel stands
+        self.service._accept(self)
+
+
+class ClientService:
+    """Listens for plain SMTP clients and carries each session to a pinned upstream over TLS."""
+
+    def __init__(self, cfg: ClientConfig) -> None:
+        self.cfg = cfg
+        self.ctx = client_context(cfg)
+        self.server: asyncio.base_events.Server | None = None
+        self.active: set[asyncio.Task] = set()
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ep = self.cfg.listen
+        try:
+            self.server = await loop.create_server(lambda: _LocalPump(self), ep.host, ep.port,
+                                                   backlog=LISTEN_BACKLOG, reuse_address=True)
+        except OSError as e:
+            raise ConfigError("--listen", f"cannot listen on {ep}: {e.strerror or e}") from None
+        ups = ", ".join(f"{u.endpoint} ({u.mode.value})" for u in self.cfg.upstreams)
+        log.info("listening service=client listen=%s:%d upstreams=%r", ep.host, self.port, ups)
+
+    def _accept(self, local: _LocalPump) -> None:
+        if len(self.active) >= self.cfg.max_connections:
+            local.transport.write(b"421 4.7.0 certproxy: too many connections, try again later\r\n")
+            local.transport.close()
+            log.warning("refused %s", _kv(service="client", peer=_peer(local.transport),
+                                          reason=f"connection limit ({self.cfg.max_connections}) reached"))
+            return
+        task = asyncio.get_running_loop().create_task(self._session(local))
+        self.active.add(task)
+        task.add_done_callback(self.active.discard)
+
+    async def _session(self, local: _LocalPump) -> None:
+        sid = next(_session_ids)
+        t0 = time.monotonic()
+        peer = _peer(local.transport)
+        facts: dict[str, object] = {}
+        outcome, reason = "ok", ""
+        upstream: _Upstream | None = None
+        try:
+            upstream, failures = await self._connect_any()
+            if upstream is None:
+                last = failures[-1][0]
+                local.transport.write(last.reply.encode() + b"\r\n")
+                local.transport.close()
+                outcome = "refused"
+                reason = "; ".join(e.reason for e, _ in failures)
+                facts["upstream"] = failures[-1][1]
+                return
+            if failures:
+                facts["failover"] = "; ".join(e.reason for e, _ in failures)
+            facts["upstream"] = upstream.facts.pop("upstream")
+            facts.update(upstream.facts)
+            if local.lost:
+                upstream.transport.close()
+                outcome, reason = "client-gone", "local client left before the tunnel was up"
+                return
+            if facts["mode"] == TLSMode.STARTTLS.value:
+                local.transport.write(
+                    f"220 {self.cfg.ehlo} ESMTP certproxy: TLS to {facts['upstream']} verified\r\n".encode())
+            splice = _Splice(local, upstream.pump, self.cfg.timeouts.idle)
+            await splice.done
+            outcome = splice.outcome
+        except asyncio.CancelledError:
+            outcome, reason = "cancelled", "service stopping"
+            for p in (local, upstream.pump if upstream else None):
+                if p is not None and p.transport is not None and not p.lost:
+                    p.transport.abort()
+            raise
+        except Exception as e:  # a bug: say so, and lose the session rather than the process
+            outcome, reason = "error", f"internal error {type(e).__name__}: {e}"
+            log.exception("session id=%d internal error", sid)
+            if not local.lost:
+                local.transport.write(b"421 4.3.0 certproxy internal error\r\n")
+                local.transport.close()
+        finally:
+            line = _kv(id=sid, service="client", peer=peer, **facts,
+                       bytes_up=local.nbytes, bytes_down=upstream.pump.nbytes if upstream else 0,
+                       duration=f"{time.monotonic() - t0:.3f}", outcome=outcome, reason=reason)
+            (log.info if outcome == "ok" else log.warning)("session %s", line)
+
+    async def _connect_any(self) -> tuple[_Upstream | None, list[tuple[SessionError, str]]]:
+        failures: list[tuple[SessionError, str]] = []
+        for up in self.cfg.upstreams:
+            try:
+                conn = await _open_upstream(self.cfg, self.ctx, up)
+            except SessionError as e:
+                failures.append((e, str(up.endpoint)))
+                continue
+            conn.facts["upstream"] = str(up.endpoint)
+            conn.facts["mode"] = up.mode.value
+            return conn, failures
+        return None, failures
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.active):
+            task.cancel()
+        if self.active:
+            await asyncio.gather(*self.active, return_exceptions=True)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    addr = transport.get_extra_info("peername")
+    if not addr:
+        return "?"
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+# endregion
+# region Tools: certificates ----------------------------------------------------------------------
+
+
+def make_certificate(name: str, *, usage: str = "server", sans: tuple[str, ...] = (), days: int = 825,
+                     rsa: bool = False) -> tuple[bytes, bytes]:
+    """A self-signed leaf certificate every peer accepts (CA:FALSE, EKU, SANs). Returns (cert PEM, key PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import rsa as rsa_mod
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = rsa_mod.generate_private_key(65537, 3072) if rsa else ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    names: list[x509.GeneralName] = []
+    for san in (name, *sans) if usage == "server" else sans:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(san)))
+        except ValueError:
+            names.append(x509.DNSName(san))
+    eku = ExtendedKeyUsageOID.SERVER_AUTH if usage == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=rsa, content_commitment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _pem_to_der(path: str) -> list[bytes]:
+    with open(path, "rb") as f:
+        data = f.read()
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.DOTALL)
+    return [ssl.PEM_cert_to_DER_cert(b.decode()) for b in blocks]
+
+
+def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.files:
+        try:
+            ders = _pem_to_der(path)
+        except OSError as e:
+            print(f"certproxy: {path}: {e.strerror}", file=sys.stderr)
+            status = 1
+            continue
+        if not ders:
+            print(f"certproxy: {path}: no PEM certificate found", file=sys.stderr)
+            status = 1
+        for der in ders:
+            print(f"{path}\n  sha256 {format_fingerprint(cert_fingerprint(der))}\n"
+                  f"  spki   {format_fingerprint(spki_fingerprint(der))}")
+    return status
+
+
+# endregion
+# region CLI --------------------------------------------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="certproxy", description="SMTP-aware mutual-TLS proxy with certificate pinning.")
+    p.add_argument("--version", action="version", version=f"certproxy {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("client", help="laptop side: plain SMTP in, pinned mutual TLS out")
+    c.add_argument("--upstream", action="append", required=True, metavar="HOST:PORT",
+                   help="upstream mail server; repeat for failover (tried in order)")
+    c.add_argument("--listen", default=DEFAULT_CLIENT_LISTEN, metavar="HOST:PORT", help="default %(default)s")
+    mode = c.add_mutually_exclusive_group()
+    mode.add_argument("--starttls", action="store_true", help="STARTTLS upstream (default unless port 465)")
+    mode.add_argument("--tls", action="store_true", help="implicit TLS upstream (default on port 465)")
+    c.add_argument("--cert", required=True, metavar="FILE", help="client certificate (PEM, may hold chain and key)")
+    c.add_argument("--key", metavar="FILE", help="client key (PEM); default: in --cert")
+    c.add_argument("--pin", action="append", default=[], metavar="FP",
+                   help="SHA-256 of the server certificate or of its public key; repeat for rollover")
+    c.add_argument("--ca", metavar="FILE", help="verify the server chain and name against this CA bundle")
+    c.add_argument("--server-name", metavar="NAME", help="SNI and name checked with --ca; default: upstream host")
+    c.add_argument("--ehlo", default=DEFAULT_EHLO, metavar="NAME", help="name in the pre-TLS EHLO (default %(default)s)")
+    c.add_argument("--allow-remote-clients", action="store_true",
+                   help="allow --listen on a non-loopback address (anyone reaching it can use your certificate)")
+    c.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N", help="default %(default)s")
+    c.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S, metavar="SECONDS", help="default %(default)s")
+    c.set_defaults(func=_cmd_client)
+
+    f = sub.add_parser("fingerprint", help="print the SHA-256 and SPKI fingerprints of certificates")
+    f.add_argument("files", nargs="+", metavar="FILE")
+    f.set_defaults(func=_cmd_fingerprint)
+    return p
+
+
+def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
+    upstreams = []
+    for text in args.upstream:
+        ep = Endpoint.parse(text, "--upstream")
+        if ep.port == 0:
+            raise ConfigError("--upstream", f"{text!r}: port 0 is not a server port")
+        upstreams.append(Upstream(endpoint=ep, mode=upstream_mode(ep, args.starttls, args.tls)))
+    return ClientConfig(
+        listen=Endpoint.parse(args.listen, "--listen"),
+        upstreams=tuple(upstreams),
+        cert=args.cert,
+        key=args.key,
+        pins=Pins.parse(args.pin, "--pin"),
+        ca=args.ca,
+        server_name=args.server_name,
+        ehlo=args.ehlo,
+        allow_remote_clients=args.allow_remote_clients,
+        max_connections=args.max_connections,
+        timeouts=Timeouts(idle=args.idle_timeout),
+    )
+
+
+async def _serve(service: ClientService) -> None:
+    await service.start()
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop
+    log.info("stopping")
+    await service.stop()
+
+
+def _loop_factory():
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    service = ClientService(client_config_from_args(args))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(service))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s certproxy %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"certproxy: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

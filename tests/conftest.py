@@ -1,0 +1,212 @@
+"""Shared fixtures: certificates from certproxy's own generator, aiosmtpd upstreams, scripted peers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import certproxy  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class CertPair:
+    cert: Path
+    key: Path
+
+    @property
+    def der(self) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(self.cert.read_text())
+
+    @property
+    def fp(self) -> str:
+        return certproxy.format_fingerprint(certproxy.cert_fingerprint(self.der))
+
+    @property
+    def spki(self) -> str:
+        return certproxy.format_fingerprint(certproxy.spki_fingerprint(self.der))
+
+
+@dataclass
+class Certs:
+    dir: Path
+    server: CertPair
+    client: CertPair
+    other_server: CertPair
+    other_client: CertPair
+
+
+def _write(dir: Path, name: str, usage: str, sans=()) -> CertPair:
+    cert, key = certproxy.make_certificate(name, usage=usage, sans=sans)
+    c, k = dir / f"{name}.pem", dir / f"{name}.key"
+    c.write_bytes(cert)
+    k.write_bytes(key)
+    k.chmod(0o600)
+    return CertPair(c, k)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory) -> Certs:
+    d = tmp_path_factory.mktemp("certs")
+    return Certs(
+        dir=d,
+        server=_write(d, "mx.certproxy.test", "server", ("localhost", "127.0.0.1")),
+        client=_write(d, "laptop", "client"),
+        other_server=_write(d, "evil.certproxy.test", "server", ("localhost", "127.0.0.1")),
+        other_client=_write(d, "stranger", "client"),
+    )
+
+
+def server_context(server: CertPair, trusted_clients: list[CertPair] | None) -> ssl.SSLContext:
+    """A TLS server context for test upstreams: requires one of ``trusted_clients`` when given."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(server.cert, server.key)
+    if trusted_clients:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        for c in trusted_clients:
+            ctx.load_verify_locations(c.cert)
+    return ctx
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    peercert: dict | None
+
+
+@dataclass
+class Recorder:
+    messages: list[Received] = field(default_factory=list)
+
+    async def handle_DATA(self, server, session, envelope):
+        peercert = server.transport.get_extra_info("peercert")
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content, peercert))
+        return "250 2.0.0 Ok: queued as TEST"
+
+
+@pytest.fixture
+def aiosmtpd_upstream(certs):
+    """Factory: an aiosmtpd server (STARTTLS required, or implicit TLS) that demands our client cert."""
+    from aiosmtpd.controller import Controller
+
+    started = []
+
+    def start(mode: str = "starttls", server: CertPair | None = None, clients=None):
+        handler = Recorder()
+        ctx = server_context(server or certs.server, clients if clients is not None else [certs.client])
+        port = free_port()
+        if mode == "starttls":
+            ctl = Controller(handler, hostname="127.0.0.1", port=port, tls_context=ctx, require_starttls=True,
+                             server_hostname="mx.certproxy.test")
+        else:
+            ctl = Controller(handler, hostname="127.0.0.1", port=port, ssl_context=ctx,
+                             server_hostname="mx.certproxy.test")
+        ctl.start()
+        started.append(ctl)
+        ctl.recorder = handler
+        ctl.endpoint = f"127.0.0.1:{port}"
+        return ctl
+
+    yield start
+    for ctl in started:
+        ctl.stop()
+
+
+@dataclass
+class Scripted:
+    """A hand-written upstream: ``script(reader, writer, log)`` plays the server; ``log`` records every byte received."""
+
+    port: int
+    received: bytearray
+    server: asyncio.base_events.Server
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def scripted_upstream():
+    servers = []
+
+    async def start(script) -> Scripted:
+        received = bytearray()
+
+        async def handle(reader, writer):
+            try:
+                await script(reader, writer, received)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        s = Scripted(server.sockets[0].getsockname()[1], received, server)
+        servers.append(server)
+        return s
+
+    yield start
+    for s in servers:
+        s.close()
+        await s.wait_closed()
+
+
+@pytest.fixture
+async def client_service(certs):
+    """Factory: an in-process certproxy client service on a free port; stopped after the test."""
+    services = []
+
+    async def start(*upstreams: str, pins=None, mode=None, **kw) -> certproxy.ClientService:
+        ups = []
+        for u in upstreams:
+            ep = certproxy.Endpoint.parse(u, "--upstream")
+            ups.append(certproxy.Upstream(endpoint=ep, mode=certproxy.upstream_mode(ep, mode == "starttls", mode == "tls")))
+        cfg = certproxy.ClientConfig(
+            listen=certproxy.Endpoint(host="127.0.0.1", port=0),
+            upstreams=tuple(ups),
+            cert=str(certs.client.cert),
+            key=str(certs.client.key),
+            pins=certproxy.Pins.parse(pins if pins is not None else [certs.server.fp], "--pin"),
+            **kw,
+        )
+        svc = certproxy.ClientService(cfg)
+        await svc.start()
+        services.append(svc)
+        return svc
+
+    yield start
+    for svc in services:
+        await svc.stop()
+
+
+async def read_reply(reader: asyncio.StreamReader, timeout: float = 20) -> bytes:
+    """One complete SMTP reply (all lines), as bytes."""
+    out = b""
+    async with asyncio.timeout(timeout):
+        while True:
+            line = await reader.readline()
+            out += line
+            if not line or line[3:4] != b"-":
+                return out
+
+
+def require_peers() -> bool:
+    return os.environ.get("CERTPROXY_REQUIRE_PEERS") == "1"

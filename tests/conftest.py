@@ -210,3 +210,13 @@ async def read_reply(reader: asyncio.StreamReader, timeout: float = 20) -> bytes
 
 def require_peers() -> bool:
     return os.environ.get("CERTPROXY_REQUIRE_PEERS") == "1"
+
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """CERTPROXY_LOOP=uvloop runs the suite on uvloop (what production uses when installed); CI runs both."""
+    if os.environ.get("CERTPROXY_LOOP") == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return None

@@ -352,3 +352,10 @@ class TestConfigErrors:
     def test_bad_upstream(self, certs):
         r = run_cli("client", "--upstream", "mail.example.org", "--cert", str(certs.client.cert), "--pin", "AB" * 32)
         assert r.returncode == 2 and "error: --upstream:" in r.stderr
+
+
+async def test_suite_runs_on_the_requested_loop():
+    """CI runs the suite twice: plain asyncio and uvloop (CERTPROXY_LOOP=uvloop); prove which one this is."""
+    loop = asyncio.get_running_loop()
+    expect_uvloop = __import__("os").environ.get("CERTPROXY_LOOP") == "uvloop"
+    assert type(loop).__module__.startswith("uvloop") == expect_uvloop

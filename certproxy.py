@@ -68,6 +68,10 @@ HANDSHAKE_TIMEOUT_S = 30.0  # TLS handshake
 IDLE_TIMEOUT_S = 600.0  # RFC 5321 4.5.3.2.7: server timeout for the DATA termination is 10 minutes
 CLOSE_LINGER_S = 30.0  # after a half-close that TLS cannot forward, wait this long for the other side
 MAX_CONNECTIONS = 100  # concurrent sessions per client listener
+MAX_SERVER_CONNECTIONS = 1000  # concurrent sessions per server listener
+MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4: command line, CRLF included
+MAX_DIALOGUE_ERRORS = 10  # bad commands before TLS before we hang up (Postfix smtpd_hard_error_limit is 20)
+MAX_DIALOGUE_COMMANDS = 50  # commands before TLS before we hang up
 LISTEN_BACKLOG = 128
 
 # endregion
@@ -249,6 +253,32 @@ class ClientConfig:
             raise ConfigError("--idle-timeout", "must be positive")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    listen: Endpoint
+    backend: Endpoint
+    mode: TLSMode
+    cert: str
+    key: str | None = None
+    allow: tuple[str, ...] = ()
+    client_ca: str | None = None
+    allow_fingerprints: Pins = Pins(frozenset())
+    hostname: str = ""
+    max_connections: int = MAX_SERVER_CONNECTIONS
+    timeouts: Timeouts = Timeouts()
+
+    def __post_init__(self) -> None:
+        if not self.allow and not self.client_ca:
+            raise ConfigError("--allow", "give --allow CERT (or DIR) and/or --client-ca FILE: "
+                                         "refusing to let clients in without checking their certificates")
+        if self.allow_fingerprints.digests and not self.client_ca and not self.allow:
+            raise ConfigError("--allow-fingerprint", "narrows --client-ca or --allow; give one of them")
+        if not re.fullmatch(r"[A-Za-z0-9.\-]+", self.hostname or "x"):
+            raise ConfigError("--hostname", f"{self.hostname!r} is not a valid host name")
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections", "must be at least 1")
+
+
 def upstream_mode(endpoint: Endpoint, starttls: bool, tls: bool) -> TLSMode:
     """``--tls`` / ``--starttls`` if given, else implicit TLS on port 465 and STARTTLS elsewhere."""
     if tls:
@@ -307,6 +337,99 @@ def client_context(cfg: ClientConfig) -> ssl.SSLContext:
         ctx.verify_mode = ssl.CERT_NONE
     _load_cert_chain(ctx, cfg.cert, cfg.key)
     return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class ClientPolicy:
+    """Who may reach the backend: exact certificates (--allow), certificates a private CA issued
+    (--client-ca), optionally narrowed to fingerprints (--allow-fingerprint)."""
+
+    allowed: frozenset[bytes]  # SHA-256 of each --allow certificate
+    ca_certs: tuple  # cryptography x509 certificates from --client-ca
+    fingerprints: Pins
+
+    def authorise(self, der: bytes) -> tuple[bool, str]:
+        """(allowed?, why not). OpenSSL already checked the chain; this decides, on every session,
+        resumed or not, against the current lists."""
+        if cert_fingerprint(der) not in self.allowed and not self._issued_by_ca(der):
+            return False, "certificate is neither an --allow certificate nor issued by --client-ca"
+        if self.fingerprints.digests and not self.fingerprints.match(der):
+            return False, "certificate fingerprint is not in --allow-fingerprint"
+        return True, ""
+
+    def _issued_by_ca(self, der: bytes) -> bool:
+        if not self.ca_certs:
+            return False
+        from cryptography import x509
+
+        cert = x509.load_der_x509_certificate(der)
+        for ca in self.ca_certs:
+            try:
+                cert.verify_directly_issued_by(ca)
+                return True
+            except Exception:  # InvalidSignature, ValueError (names differ), TypeError (key type)
+                continue
+        return False
+
+
+def _allow_files(paths: tuple[str, ...]) -> list[str]:
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            entries = sorted(os.path.join(path, n) for n in os.listdir(path)
+                             if n.endswith((".pem", ".crt", ".cer")) and not n.startswith("."))
+            if not entries:
+                raise ConfigError("--allow", f"directory {path!r} holds no .pem/.crt/.cer files")
+            files += entries
+        elif os.access(path, os.R_OK):
+            files.append(path)
+        else:
+            raise ConfigError("--allow", f"cannot read {path!r}")
+    return files
+
+
+def server_context(cfg: ServerConfig) -> tuple[ssl.SSLContext, ClientPolicy]:
+    """The listener's context (asks for a client certificate, trusts only --allow and --client-ca)
+    and the policy applied after every handshake."""
+    from cryptography import x509
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    # No tickets, no resumption: every session presents and is judged on its certificate (and a
+    # ticket would re-serialise the client certificate for nothing).
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
+    # OPTIONAL, not REQUIRED: a client without a certificate then completes the handshake and can be
+    # told "530 5.7.0 client certificate required" inside TLS instead of getting a bare alert.
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    _load_cert_chain(ctx, cfg.cert, cfg.key)
+    allowed = set()
+    for path in _allow_files(cfg.allow):
+        try:
+            ders = _pem_to_der(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError("--allow", f"cannot read certificates from {path!r}: {e}") from None
+        if not ders:
+            raise ConfigError("--allow", f"{path!r} holds no PEM certificate")
+        for der in ders:
+            allowed.add(cert_fingerprint(der))
+            ctx.load_verify_locations(cadata=der)
+    ca_certs: list = []
+    if cfg.client_ca:
+        try:
+            ca_certs = [x509.load_der_x509_certificate(d) for d in _pem_to_der(cfg.client_ca)]
+            if not ca_certs:
+                raise ValueError("no PEM certificate in it")
+            ctx.load_verify_locations(cafile=cfg.client_ca)
+        except (OSError, ValueError, ssl.SSLError) as e:
+            raise ConfigError("--client-ca", f"cannot load {cfg.client_ca!r}: {e}") from None
+    return ctx, ClientPolicy(frozenset(allowed), tuple(ca_certs), cfg.allow_fingerprints)
+
+
+def certificate_subject(der: bytes) -> str:
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
 def peer_certificate(transport: asyncio.BaseTransport) -> bytes | None:
@@ -469,6 +592,142 @@ class StartTLSClient:
 
 
 # endregion
+# region SMTP dialogue, server side (sans-IO) ------------------------------------------------------
+
+
+class _GateState(enum.Enum):
+    OPEN = "open"
+    STARTTLS = "starttls"  # the 220 to STARTTLS is out: TLS starts now
+    CLOSED = "closed"
+
+
+class SMTPGate:
+    """The part of SMTP certproxy server speaks itself: before TLS (offering only STARTTLS), or
+    after TLS to a client it will not let through (``refusal`` answers every mail command).
+
+    Bytes in (``receive_data``), bytes out. Bounded: line length, errors, commands. At STARTTLS,
+    anything already buffered behind the command is an injection attempt (CVE-2011-0411) and
+    raises ProtocolError: nothing pipelined in clear may ever be read as if it came inside TLS.
+    """
+
+    __slots__ = ("hostname", "refusal", "state", "_buf", "errors", "commands", "reason")
+
+    def __init__(self, hostname: str, *, refusal: str | None = None) -> None:
+        self.hostname = hostname
+        self.refusal = refusal
+        self.state = _GateState.OPEN
+        self._buf = bytearray()
+        self.errors = 0
+        self.commands = 0
+        self.reason = ""
+
+    def greeting(self) -> bytes:
+        return f"220 {self.hostname} ESMTP certproxy\r\n".encode()
+
+    def receive_data(self, data: bytes) -> bytes:
+        if self.state is not _GateState.OPEN:
+            raise ProtocolError("421 4.7.0 protocol violation", "client sent data after the dialogue ended")
+        self._buf += data
+        out = []
+        while self.state is _GateState.OPEN:
+            end = self._buf.find(b"\n")
+            if end < 0:
+                if len(self._buf) > MAX_COMMAND_LINE:
+                    return self._close(out, "500 5.5.2 line too long", "client sent a command line over 512 octets")
+                break
+            if end + 1 > MAX_COMMAND_LINE:
+                return self._close(out, "500 5.5.2 line too long", "client sent a command line over 512 octets")
+            line = bytes(self._buf[:end]).rstrip(b"\r")
+            del self._buf[: end + 1]
+            out.append(self._command(line))
+            self.commands += 1
+            if self.state is _GateState.STARTTLS and self._buf:
+                raise ProtocolError("421 4.7.0 pipelined data after STARTTLS; closing",
+                                    f"client sent {len(self._buf)} bytes behind STARTTLS before the TLS handshake "
+                                    "(command injection, CVE-2011-0411); closed")
+            if self.errors >= MAX_DIALOGUE_ERRORS:
+                return self._close(out, "421 4.7.0 too many errors", "client made too many errors")
+            if self.commands >= MAX_DIALOGUE_COMMANDS and self.state is _GateState.OPEN:
+                return self._close(out, "421 4.7.0 too many commands", "client sent too many commands")
+        return b"".join(out)
+
+    def _close(self, out: list[bytes], reply: str, reason: str) -> bytes:
+        self.state = _GateState.CLOSED
+        self.reason = reason
+        out.append(reply.encode() + b"\r\n")
+        return b"".join(out)
+
+    def _command(self, line: bytes) -> bytes:
+        verb, _, arg = line.decode("latin-1").strip().partition(" ")
+        verb, arg = verb.upper(), arg.strip()
+        host = self.hostname
+        if verb in ("EHLO", "HELO"):
+            if not arg:
+                self.errors += 1
+                return f"501 5.5.4 Syntax: {verb} hostname\r\n".encode()
+            if verb == "EHLO" and self.refusal is None:
+                # Only STARTTLS: nothing that invites pipelining or anything else before TLS.
+                return f"250-{host}\r\n250 STARTTLS\r\n".encode()
+            return f"250 {host}\r\n".encode()
+        if verb in ("NOOP", "RSET"):
+            return b"250 2.0.0 Ok\r\n"
+        if verb == "QUIT":
+            self.state = _GateState.CLOSED
+            self.reason = self.reason or "client quit"
+            return b"221 2.0.0 Bye\r\n"
+        if verb == "STARTTLS" and self.refusal is None:
+            if arg:
+                self.errors += 1
+                return b"501 5.5.4 Syntax: STARTTLS takes no arguments\r\n"
+            self.state = _GateState.STARTTLS
+            return b"220 2.0.0 Ready to start TLS\r\n"
+        self.errors += 1
+        if self.refusal is not None:
+            return self.refusal.encode() + b"\r\n"
+        if verb == "STARTTLS":
+            return b"554 5.5.1 TLS already active\r\n"
+        return b"530 5.7.0 Must issue a STARTTLS command first\r\n"
+
+
+class StripStartTLS:
+    """Filters the MTA's first reply after the splice (the answer to the client's EHLO inside TLS):
+    drops a STARTTLS line, which would be a lie there. Everything after passes untouched."""
+
+    __slots__ = ("_buf", "done", "_lines")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._lines: list[bytes] = []
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return data
+        self._buf += data
+        while not self.done:
+            end = self._buf.find(b"\n")
+            if end < 0:
+                if len(self._buf) > MAX_REPLY_LINE or len(self._lines) > MAX_REPLY_LINES:
+                    self.done = True  # not a reply we understand: stop filtering, pass it all on
+                    out = b"".join(self._lines) + bytes(self._buf)
+                    self._lines, self._buf = [], bytearray()
+                    return out
+                return b""
+            line = bytes(self._buf[: end + 1])
+            del self._buf[: end + 1]
+            self._lines.append(line)
+            if line[3:4] != b"-":
+                self.done = True
+        lines = self._lines
+        kept = [ln for ln in lines if ln[4:].split(None, 1)[:1] != [b"STARTTLS"] or not ln.startswith(b"250")]
+        if kept and len(kept) < len(lines) and kept[-1][3:4] == b"-":
+            kept[-1] = kept[-1][:3] + b" " + kept[-1][4:]
+        out = b"".join(kept or lines) + bytes(self._buf)
+        self._lines, self._buf = [], bytearray()
+        return out
+
+
+# endregion
 # region The splice -------------------------------------------------------------------------------
 
 
@@ -479,7 +738,7 @@ class _Pump(asyncio.Protocol):
     Backpressure: when our transport's write buffer is full, the peer stops reading.
     """
 
-    __slots__ = ("transport", "peer", "held", "nbytes", "lost", "eof", "waiter", "_splice")
+    __slots__ = ("transport", "peer", "held", "nbytes", "lost", "eof", "waiter", "filter", "_splice")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -489,6 +748,7 @@ class _Pump(asyncio.Protocol):
         self.lost = False
         self.eof = False
         self.waiter: asyncio.Future[None] | None = None  # woken by held data or loss, before linking
+        self.filter: StripStartTLS | None = None  # rewrites what we receive until it says done
         self._splice: _Splice | None = None
 
     def _wake(self) -> None:
@@ -497,7 +757,7 @@ class _Pump(asyncio.Protocol):
 
     async def wait_held(self) -> None:
         """Until data has been held or the connection is gone (only before linking)."""
-        if self.held or self.lost:
+        if self.held or self.lost or self.eof:
             return
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.resume_reading()
@@ -511,6 +771,12 @@ class _Pump(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
+        if self.filter is not None:
+            data = self.filter.feed(data)
+            if self.filter.done:
+                self.filter = None
+            if not data:
+                return
         peer = self.peer
         if peer is None or peer.transport is None:
             self.held.append(data)
@@ -522,6 +788,7 @@ class _Pump(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        self._wake()
         peer = self.peer
         if peer is not None and not peer.lost:
             if peer.transport.can_write_eof():
@@ -548,6 +815,14 @@ class _Pump(asyncio.Protocol):
             peer.transport.close()  # flushes what is buffered for it first
         if self._splice is not None:
             self._splice.side_lost()
+
+
+async def _pull(pump: _Pump) -> bytes:
+    """The next bytes a not-yet-linked pump received; b"" when the peer has closed."""
+    await pump.wait_held()
+    data = b"".join(pump.held)
+    pump.held.clear()
+    return data
 
 
 class _Splice:
@@ -663,32 +938,26 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _await_first_reply(pump: _Pump, ep: Endpoint, *, consume: bool) -> None:
-    """Wait for one complete reply inside TLS; with ``consume``, take it (it answers our own NOOP)."""
+async def _read_reply(pump: _Pump, *, keep: bool, who: str) -> Reply | None:
+    """One complete reply from a not-yet-linked pump; None if the peer closed first.
+
+    With ``keep`` the bytes stay held, to be passed on at the splice; otherwise the reply is
+    consumed, and anything behind it (a reply nobody asked for) raises ProtocolError.
+    """
     parser = ReplyParser()
-    replies: list[Reply] = []
-    while not replies:
-        await pump.wait_held()
-        if pump.lost and not pump.held:
-            raise SessionError("421 4.7.0 upstream closed the TLS session",
-                               f"{ep}: upstream closed the connection right after the TLS handshake; "
-                               "it probably does not accept our client certificate")
-        chunk = b"".join(pump.held)
-        pump.held.clear()
-        replies = parser.feed(chunk)
-        if not consume:
-            pump.held.append(chunk)
-        if pump.lost and not replies:
-            raise SessionError("421 4.4.2 upstream closed the connection",
-                               f"{ep}: upstream closed the connection inside TLS before replying")
-    if consume:
-        if replies[0].code // 100 != 2:
-            raise SessionError("421 4.3.0 upstream is not accepting mail",
-                               f"{ep}: upstream answered NOOP inside TLS with {replies[0].code}")
-        rest = parser.trailing_data
-        if len(replies) > 1 or rest:
-            raise ProtocolError("421 4.5.0 upstream sent unexpected replies",
-                                f"{ep}: upstream sent more than one reply to NOOP inside TLS")
+    seen = bytearray()
+    reply = None
+    while reply is None:
+        data = await _pull(pump)
+        if not data:
+            return None
+        seen += data
+        reply = parser.next_reply(data)
+    if keep:
+        pump.held.append(bytes(seen))
+    elif parser.trailing_data:
+        raise ProtocolError("421 4.5.0 unexpected replies", f"{who} sent more than the one reply expected")
+    return reply
 
 
 class _Upstream:
@@ -712,7 +981,14 @@ async def _open_upstream(cfg: ClientConfig, ctx: ssl.SSLContext, up: Upstream) -
         async with asyncio.timeout(cfg.timeouts.dialogue):
             if up.mode is TLSMode.STARTTLS:
                 transport.write(b"NOOP\r\n")
-            await _await_first_reply(pump, ep, consume=up.mode is TLSMode.STARTTLS)
+            reply = await _read_reply(pump, keep=up.mode is TLSMode.IMPLICIT, who=f"upstream {ep}")
+        if reply is None:
+            raise SessionError("421 4.7.0 upstream closed the TLS session",
+                               f"{ep}: upstream closed the connection right after the TLS handshake; "
+                               "it probably does not accept our client certificate")
+        if up.mode is TLSMode.STARTTLS and reply.code // 100 != 2:
+            raise SessionError("421 4.3.0 upstream is not accepting mail",
+                               f"{ep}: upstream answered NOOP inside TLS with {reply.code}")
         return _Upstream(transport, pump, facts)
     except BaseException as e:
         if pump.transport is not None:

@@ -213,10 +213,10 @@ def require_peers() -> bool:
 
 
 
-def pytest_asyncio_loop_factories(config, item):
-    """CERTPROXY_LOOP=uvloop runs the suite on uvloop (what production uses when installed); CI runs both."""
-    if os.environ.get("CERTPROXY_LOOP") == "uvloop":
+if os.environ.get("CERTPROXY_LOOP") == "uvloop":
+
+    def pytest_asyncio_loop_factories(config, item):
+        """CERTPROXY_LOOP=uvloop runs the suite on uvloop (what production uses when installed); CI runs both."""
         import uvloop
 
         return {"uvloop": uvloop.new_event_loop}
-    return None

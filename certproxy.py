@@ -39,13 +39,17 @@ __version__ = "0.1.0"
 __all__ = [
     "CertProxyError",
     "ClientConfig",
+    "ClientPolicy",
     "ClientService",
     "ConfigError",
     "Endpoint",
     "Pins",
     "Reply",
     "ReplyParser",
+    "ServerConfig",
+    "ServerService",
     "SessionError",
+    "SMTPGate",
     "StartTLSClient",
     "TLSMode",
     "main",
@@ -67,6 +71,7 @@ DIALOGUE_TIMEOUT_S = 60.0  # whole pre-TLS dialogue (greeting, EHLO, STARTTLS)
 HANDSHAKE_TIMEOUT_S = 30.0  # TLS handshake
 IDLE_TIMEOUT_S = 600.0  # RFC 5321 4.5.3.2.7: server timeout for the DATA termination is 10 minutes
 CLOSE_LINGER_S = 30.0  # after a half-close that TLS cannot forward, wait this long for the other side
+GOODBYE_LINGER_S = 2.0  # after our last reply, read and discard this long so a reset cannot eat the reply
 MAX_CONNECTIONS = 100  # concurrent sessions per client listener
 MAX_SERVER_CONNECTIONS = 1000  # concurrent sessions per server listener
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4: command line, CRLF included
@@ -442,7 +447,10 @@ def tls_facts(transport: asyncio.BaseTransport) -> dict[str, str]:
     if sslobj is None:
         return {}
     cipher = sslobj.cipher()
-    return {"tls": sslobj.version() or "?", "cipher": cipher[0] if cipher else "?"}
+    facts = {"tls": sslobj.version() or "?", "cipher": cipher[0] if cipher else "?"}
+    if sslobj.session_reused:
+        facts["resumed"] = "yes"
+    return facts
 
 
 # endregion
@@ -453,6 +461,11 @@ def tls_facts(transport: asyncio.BaseTransport) -> dict[str, str]:
 class Reply:
     code: int
     lines: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        last = len(self.lines) - 1
+        return b"".join(f"{self.code}{' ' if i == last else '-'}{line}\r\n".encode()
+                        for i, line in enumerate(self.lines))
 
     def keywords(self) -> set[str]:
         """EHLO extension keywords (the first word of each line but the first), upper-cased."""
@@ -690,8 +703,10 @@ class SMTPGate:
 
 
 class StripStartTLS:
-    """Filters the MTA's first reply after the splice (the answer to the client's EHLO inside TLS):
-    drops a STARTTLS line, which would be a lie there. Everything after passes untouched."""
+    """Filters what the MTA says to a client that is inside TLS already: a STARTTLS line in an EHLO
+    reply would be a lie there, so it is dropped. The MTA-to-client direction carries only replies
+    (mail flows the other way), so parsing it costs little; a reply beyond the limits ends the
+    filtering and passes through as it is."""
 
     __slots__ = ("_buf", "done", "_lines")
 
@@ -704,27 +719,31 @@ class StripStartTLS:
         if self.done:
             return data
         self._buf += data
-        while not self.done:
+        out = []
+        while True:
             end = self._buf.find(b"\n")
             if end < 0:
                 if len(self._buf) > MAX_REPLY_LINE or len(self._lines) > MAX_REPLY_LINES:
                     self.done = True  # not a reply we understand: stop filtering, pass it all on
-                    out = b"".join(self._lines) + bytes(self._buf)
+                    out += self._lines
+                    out.append(bytes(self._buf))
                     self._lines, self._buf = [], bytearray()
-                    return out
-                return b""
+                return b"".join(out)
             line = bytes(self._buf[: end + 1])
             del self._buf[: end + 1]
             self._lines.append(line)
-            if line[3:4] != b"-":
-                self.done = True
-        lines = self._lines
-        kept = [ln for ln in lines if ln[4:].split(None, 1)[:1] != [b"STARTTLS"] or not ln.startswith(b"250")]
-        if kept and len(kept) < len(lines) and kept[-1][3:4] == b"-":
+            if line[3:4] != b"-":  # the reply is complete
+                out += self._strip(self._lines)
+                self._lines = []
+
+    @staticmethod
+    def _strip(lines: list[bytes]) -> list[bytes]:
+        if len(lines) < 2 or not lines[0].startswith(b"250"):
+            return lines
+        kept = [lines[0]] + [ln for ln in lines[1:] if ln[4:].strip().upper() != b"STARTTLS"]
+        if len(kept) < len(lines) and kept[-1][3:4] == b"-":
             kept[-1] = kept[-1][:3] + b" " + kept[-1][4:]
-        out = b"".join(kept or lines) + bytes(self._buf)
-        self._lines, self._buf = [], bytearray()
-        return out
+        return kept
 
 
 # endregion
@@ -768,6 +787,8 @@ class _Pump(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.held:  # start_tls() delivered data before it returned the transport
+            transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
@@ -780,7 +801,8 @@ class _Pump(asyncio.Protocol):
         peer = self.peer
         if peer is None or peer.transport is None:
             self.held.append(data)
-            self.transport.pause_reading()
+            if self.transport is not None:
+                self.transport.pause_reading()
             self._wake()
             return
         self._splice.touch()
@@ -823,6 +845,26 @@ async def _pull(pump: _Pump) -> bytes:
     data = b"".join(pump.held)
     pump.held.clear()
     return data
+
+
+async def _goodbye(pump: _Pump, reply: str | bytes) -> None:
+    """Send a last reply and close without losing it: half-close, then discard what the peer still
+    sends for a moment (closing with unread input makes the kernel send a reset, which can destroy
+    the reply in flight)."""
+    t = pump.transport
+    if t is None or pump.lost:
+        return
+    if reply:
+        t.write(reply if isinstance(reply, bytes) else reply.encode() + b"\r\n")
+    if t.can_write_eof():
+        t.write_eof()
+        try:
+            async with asyncio.timeout(GOODBYE_LINGER_S):
+                while await _pull(pump):
+                    pass
+        except (TimeoutError, asyncio.TimeoutError):
+            pass
+    t.close()
 
 
 class _Splice:
@@ -1074,27 +1116,14 @@ def _kv(**facts: object) -> str:
     return " ".join(out)
 
 
-class _LocalPump(_Pump):
-    """The local (plain) side of a client-mode session: starts the session when a client connects."""
+class _Listener:
+    """What both services share: a listening socket, a connection limit, live session tasks."""
 
-    __slots__ = ("service",)
+    service_name = "?"
 
-    def __init__(self, service: ClientService) -> None:
-        super().__init__()
-        self.service = service
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        transport.pause_reading()  # nothing is read from the local client until the tunnel stands
-        self.service._accept(self)
-
-
-class ClientService:
-    """Listens for plain SMTP clients and carries each session to a pinned upstream over TLS."""
-
-    def __init__(self, cfg: ClientConfig) -> None:
-        self.cfg = cfg
-        self.ctx = client_context(cfg)
+    def __init__(self, listen: Endpoint, max_connections: int) -> None:
+        self.listen = listen
+        self.max_connections = max_connections
         self.server: asyncio.base_events.Server | None = None
         self.active: set[asyncio.Task] = set()
 
@@ -1102,29 +1131,81 @@ class ClientService:
     def port(self) -> int:
         return self.server.sockets[0].getsockname()[1]
 
-    async def start(self) -> None:
+    async def _listen(self, factory) -> None:
         loop = asyncio.get_running_loop()
-        ep = self.cfg.listen
+        ep = self.listen
         try:
-            self.server = await loop.create_server(lambda: _LocalPump(self), ep.host, ep.port,
-                                                   backlog=LISTEN_BACKLOG, reuse_address=True)
+            self.server = await loop.create_server(factory, ep.host, ep.port, backlog=LISTEN_BACKLOG,
+                                                   reuse_address=True)
         except OSError as e:
             raise ConfigError("--listen", f"cannot listen on {ep}: {e.strerror or e}") from None
-        ups = ", ".join(f"{u.endpoint} ({u.mode.value})" for u in self.cfg.upstreams)
-        log.info("listening service=client listen=%s:%d upstreams=%r", ep.host, self.port, ups)
 
-    def _accept(self, local: _LocalPump) -> None:
-        if len(self.active) >= self.cfg.max_connections:
-            local.transport.write(b"421 4.7.0 certproxy: too many connections, try again later\r\n")
-            local.transport.close()
-            log.warning("refused %s", _kv(service="client", peer=_peer(local.transport),
-                                          reason=f"connection limit ({self.cfg.max_connections}) reached"))
+    def _accept(self, pump: _Pump, busy_reply: bytes | None) -> None:
+        if len(self.active) >= self.max_connections:
+            if busy_reply:
+                pump.transport.write(busy_reply)
+            pump.transport.close()
+            log.warning("refused %s", _kv(service=self.service_name, peer=_peer(pump.transport),
+                                          reason=f"connection limit ({self.max_connections}) reached"))
             return
-        task = asyncio.get_running_loop().create_task(self._session(local))
+        task = asyncio.get_running_loop().create_task(self._session(pump))
         self.active.add(task)
         task.add_done_callback(self.active.discard)
 
-    async def _session(self, local: _LocalPump) -> None:
+    async def _session(self, pump: _Pump) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.active):
+            task.cancel()
+        if self.active:
+            await asyncio.gather(*self.active, return_exceptions=True)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+class _AcceptPump(_Pump):
+    """The accepted (first) side of a session: holds everything until the service says otherwise."""
+
+    __slots__ = ("service", "busy_reply")
+
+    def __init__(self, service: _Listener, busy_reply: bytes | None) -> None:
+        super().__init__()
+        self.service = service
+        self.busy_reply = busy_reply
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        transport.pause_reading()
+        self.service._accept(self, self.busy_reply)
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    addr = transport.get_extra_info("peername")
+    if not addr:
+        return "?"
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+class ClientService(_Listener):
+    """Listens for plain SMTP clients and carries each session to a pinned upstream over TLS."""
+
+    service_name = "client"
+
+    def __init__(self, cfg: ClientConfig) -> None:
+        super().__init__(cfg.listen, cfg.max_connections)
+        self.cfg = cfg
+        self.ctx = client_context(cfg)
+
+    async def start(self) -> None:
+        busy = b"421 4.7.0 certproxy: too many connections, try again later\r\n"
+        await self._listen(lambda: _AcceptPump(self, busy))
+        ups = ", ".join(f"{u.endpoint} ({u.mode.value})" for u in self.cfg.upstreams)
+        log.info("listening service=client listen=%s:%d upstreams=%r", self.listen.host, self.port, ups)
+
+    async def _session(self, local: _Pump) -> None:
         sid = next(_session_ids)
         t0 = time.monotonic()
         peer = _peer(local.transport)
@@ -1186,22 +1267,165 @@ class ClientService:
             return conn, failures
         return None, failures
 
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for task in list(self.active):
-            task.cancel()
-        if self.active:
-            await asyncio.gather(*self.active, return_exceptions=True)
-        if self.server is not None:
-            await self.server.wait_closed()
+
+# endregion
+# region Server mode: the service -----------------------------------------------------------------
 
 
-def _peer(transport: asyncio.BaseTransport) -> str:
-    addr = transport.get_extra_info("peername")
-    if not addr:
-        return "?"
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+class ServerService(_Listener):
+    """Terminates TLS (implicit or STARTTLS), authorises the client certificate, splices to the MTA.
+
+    One connection's life: [STARTTLS dialogue] → TLS handshake → authorise → backend connect and
+    greeting → splice. Each phase has its own deadline; the session ends in one log line.
+    """
+
+    service_name = "server"
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        super().__init__(cfg.listen, cfg.max_connections)
+        self.cfg = cfg
+        self.hostname = cfg.hostname or socket.getfqdn() or "localhost"
+        self.ctx, self.policy = server_context(cfg)
+
+    async def start(self) -> None:
+        busy = b"421 4.7.0 " + self.hostname.encode() + b" too busy, try again later\r\n"
+        await self._listen(lambda: _AcceptPump(self, busy if self.cfg.mode is TLSMode.STARTTLS else None))
+        log.info("listening service=server listen=%s:%d mode=%s backend=%s", self.listen.host, self.port,
+                 self.cfg.mode.value, self.cfg.backend)
+
+    async def _session(self, client: _Pump) -> None:
+        sid = next(_session_ids)
+        t0 = time.monotonic()
+        facts: dict[str, object] = {"peer": _peer(client.transport), "mode": self.cfg.mode.value}
+        outcome, reason = "ok", ""
+        backend: _Pump | None = None
+        tls_pump = client
+        try:
+            if self.cfg.mode is TLSMode.STARTTLS:
+                gate = SMTPGate(self.hostname)
+                client.transport.write(gate.greeting())
+                if not await self._converse(client, gate, self.cfg.timeouts.dialogue):
+                    outcome, reason = "closed", gate.reason or "client left before STARTTLS"
+                    return
+            tls_pump = await self._handshake(client)
+            facts.update(tls_facts(tls_pump.transport))
+            der = peer_certificate(tls_pump.transport)
+            refusal = self._authorise(der, facts)
+            if refusal is not None:
+                outcome, reason = "refused", refusal[1]
+                await self._refuse(tls_pump, refusal[0])
+                return
+            facts["backend"] = str(self.cfg.backend)
+            backend = await self._open_backend(tls_pump)
+            backend.filter = StripStartTLS()  # the client is inside TLS already: STARTTLS there is a lie
+            splice = _Splice(tls_pump, backend, self.cfg.timeouts.idle)
+            await splice.done
+            outcome = splice.outcome
+        except SessionError as e:
+            outcome, reason = "refused" if isinstance(e, (ProtocolError, PeerRejected)) else "failed", e.reason
+            await _goodbye(tls_pump, e.reply)
+        except (TimeoutError, asyncio.TimeoutError):
+            outcome, reason = "timeout", "client too slow (dialogue or handshake deadline)"
+            if tls_pump.transport is not None:
+                tls_pump.transport.abort()
+        except asyncio.CancelledError:
+            outcome, reason = "cancelled", "service stopping"
+            for p in (tls_pump, backend):
+                if p is not None and p.transport is not None and not p.lost:
+                    p.transport.abort()
+            raise
+        except Exception as e:
+            outcome, reason = "error", f"internal error {type(e).__name__}: {e}"
+            log.exception("session id=%d internal error", sid)
+            if tls_pump.transport is not None:
+                tls_pump.transport.abort()
+        finally:
+            line = _kv(id=sid, service="server", **facts, bytes_in=tls_pump.nbytes,
+                       bytes_out=backend.nbytes if backend else 0,
+                       duration=f"{time.monotonic() - t0:.3f}", outcome=outcome, reason=reason)
+            (log.info if outcome == "ok" else log.warning)("session %s", line)
+
+    async def _converse(self, pump: _Pump, gate: SMTPGate, deadline: float) -> bool:
+        """Run ``gate`` until STARTTLS (True) or the end of the conversation (False)."""
+        async with asyncio.timeout(deadline):  # a total deadline: trickling bytes does not extend it
+            while True:
+                data = await _pull(pump)
+                if not data:
+                    return False
+                out = gate.receive_data(data)
+                if gate.state is _GateState.CLOSED:
+                    await _goodbye(pump, out)
+                    return False
+                if out:
+                    pump.transport.write(out)
+                if gate.state is _GateState.STARTTLS:
+                    return True  # reading is paused: nothing more is read in clear
+
+    async def _handshake(self, client: _Pump) -> _Pump:
+        loop = asyncio.get_running_loop()
+        pump = _Pump()
+        hs = self.cfg.timeouts.handshake
+        try:
+            async with asyncio.timeout(hs):
+                transport = await loop.start_tls(client.transport, pump, self.ctx, server_side=True,
+                                                 ssl_handshake_timeout=hs)
+        except (TimeoutError, asyncio.TimeoutError):
+            client.transport.abort()
+            raise SessionError("", "TLS handshake timed out") from None
+        except (OSError, ssl.SSLError) as e:
+            client.transport.abort()
+            raise PeerRejected("", f"TLS handshake failed: {_describe(e)} (an unknown client certificate "
+                                   "fails here: add it with --allow, or issue it from --client-ca)") from None
+        pump.connection_made(transport)
+        return pump
+
+    def _authorise(self, der: bytes | None, facts: dict[str, object]) -> tuple[str, str] | None:
+        """None if the client may pass; else (reply, log reason)."""
+        if der is None:
+            return "530 5.7.0 client certificate required", "no client certificate"
+        facts["cert_subject"] = certificate_subject(der)
+        facts["cert_fp"] = format_fingerprint(cert_fingerprint(der))
+        ok, why = self.policy.authorise(der)
+        if not ok:
+            return "554 5.7.1 certificate not authorised", why
+        return None
+
+    async def _refuse(self, pump: _Pump, reply: str) -> None:
+        """Tell a TLS client without an allowed certificate why, in SMTP, then hang up."""
+        gate = SMTPGate(self.hostname, refusal=reply)
+        if self.cfg.mode is TLSMode.IMPLICIT:
+            pump.transport.write(gate.greeting())
+        try:
+            await self._converse(pump, gate, self.cfg.timeouts.dialogue)
+        except (TimeoutError, asyncio.TimeoutError):
+            pass
+        except ProtocolError as e:
+            await _goodbye(pump, e.reply)
+        if not pump.lost:
+            pump.transport.close()
+
+    async def _open_backend(self, client: _Pump) -> _Pump:
+        loop = asyncio.get_running_loop()
+        ep = self.cfg.backend
+        pump = _Pump()
+        try:
+            async with asyncio.timeout(self.cfg.timeouts.connect):
+                await loop.create_connection(lambda: pump, ep.host, ep.port)
+            async with asyncio.timeout(self.cfg.timeouts.dialogue):
+                reply = await _read_reply(pump, keep=False, who=f"backend {ep}")
+        except (OSError, TimeoutError, asyncio.TimeoutError, ProtocolError) as e:
+            if pump.transport is not None:
+                pump.transport.abort()
+            raise SessionError("421 4.3.0 mail server unavailable, try again later",
+                               f"backend {ep}: {getattr(e, 'reason', None) or _describe(e)}") from None
+        if reply is None or reply.code != 220:
+            pump.transport.abort()
+            got = "closed the connection" if reply is None else f"greeted with {reply.code}"
+            raise SessionError("421 4.3.0 mail server unavailable, try again later", f"backend {ep}: {got}")
+        if self.cfg.mode is TLSMode.IMPLICIT:
+            # Implicit TLS: the client has heard nothing yet; the MTA's greeting is its greeting.
+            client.transport.write(reply.encode())
+        return pump
 
 
 # endregion
@@ -1305,6 +1529,25 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S, metavar="SECONDS", help="default %(default)s")
     c.set_defaults(func=_cmd_client)
 
+    sv = sub.add_parser("server", help="mail-server side: mutual TLS in, plain SMTP to the local MTA")
+    sv.add_argument("--backend", required=True, metavar="HOST:PORT", help="the MTA, e.g. 127.0.0.1:10025")
+    sv.add_argument("--listen", metavar="HOST:PORT", help="default 0.0.0.0:465 with --tls, 0.0.0.0:587 with --starttls")
+    smode = sv.add_mutually_exclusive_group(required=True)
+    smode.add_argument("--tls", action="store_true", help="implicit TLS (port 465)")
+    smode.add_argument("--starttls", action="store_true", help="STARTTLS (ports 25/587)")
+    sv.add_argument("--cert", required=True, metavar="FILE", help="server certificate (PEM, may hold chain and key)")
+    sv.add_argument("--key", metavar="FILE", help="server key (PEM); default: in --cert")
+    sv.add_argument("--allow", action="append", default=[], metavar="PATH",
+                    help="client certificate(s) allowed as themselves: a PEM file or a directory of them")
+    sv.add_argument("--client-ca", metavar="FILE", help="private CA: any client certificate it issued is allowed")
+    sv.add_argument("--allow-fingerprint", action="append", default=[], metavar="FP",
+                    help="narrow --client-ca / --allow to these certificate or public-key SHA-256s")
+    sv.add_argument("--hostname", default="", metavar="NAME", help="greeting / EHLO name; default the FQDN")
+    sv.add_argument("--max-connections", type=int, default=MAX_SERVER_CONNECTIONS, metavar="N",
+                    help="default %(default)s")
+    sv.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S, metavar="SECONDS", help="default %(default)s")
+    sv.set_defaults(func=_cmd_server)
+
     f = sub.add_parser("fingerprint", help="print the SHA-256 and SPKI fingerprints of certificates")
     f.add_argument("files", nargs="+", metavar="FILE")
     f.set_defaults(func=_cmd_fingerprint)
@@ -1333,7 +1576,25 @@ def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
     )
 
 
-async def _serve(service: ClientService) -> None:
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    mode = TLSMode.IMPLICIT if args.tls else TLSMode.STARTTLS
+    listen = args.listen or ("0.0.0.0:465" if mode is TLSMode.IMPLICIT else "0.0.0.0:587")
+    return ServerConfig(
+        listen=Endpoint.parse(listen, "--listen"),
+        backend=Endpoint.parse(args.backend, "--backend"),
+        mode=mode,
+        cert=args.cert,
+        key=args.key,
+        allow=tuple(args.allow),
+        client_ca=args.client_ca,
+        allow_fingerprints=Pins.parse(args.allow_fingerprint, "--allow-fingerprint"),
+        hostname=args.hostname,
+        max_connections=args.max_connections,
+        timeouts=Timeouts(idle=args.idle_timeout),
+    )
+
+
+async def _serve(service: _Listener) -> None:
     await service.start()
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
@@ -1355,11 +1616,18 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
-def _cmd_client(args: argparse.Namespace) -> int:
-    service = ClientService(client_config_from_args(args))
+def _run_service(service: _Listener) -> int:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_serve(service))
     return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    return _run_service(ClientService(client_config_from_args(args)))
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    return _run_service(ServerService(server_config_from_args(args)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,3 +220,13 @@ if os.environ.get("CERTPROXY_LOOP") == "uvloop":
         import uvloop
 
         return {"uvloop": uvloop.new_event_loop}
+
+
+async def session_line(caplog, index: int = -1, count: int = 1, timeout: float = 10) -> str:
+    """The session log line at ``index`` once at least ``count`` have been logged (they come at session end)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session ")]
+            if len(lines) >= count:
+                return lines[index]
+            await asyncio.sleep(0.02)

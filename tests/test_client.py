@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import certproxy
-from conftest import free_port, read_reply
+from conftest import free_port, read_reply, session_line
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE = b"From: a@laptop.test\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nhello through certproxy\r\n"
@@ -49,7 +49,7 @@ class TestHappyPath:
         subject = dict(x[0] for x in msg.peercert["subject"])
         assert subject["commonName"] == "laptop"
         await asyncio.sleep(0.1)
-        [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session ")]
+        line = await session_line(caplog)
         for fact in ("outcome=ok", f"upstream={up.endpoint}", f"mode={mode}", "tls=TLSv1.3", "cipher=",
                      "server_fp=", "bytes_up=", "bytes_down=", "duration=", "peer=127.0.0.1:"):
             assert fact in line, line
@@ -100,7 +100,7 @@ class TestHappyPath:
         assert await asyncio.to_thread(send, svc.port) == {}
         assert len(up.recorder.messages) == 1
         await asyncio.sleep(0.1)
-        line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session ")][-1]
+        line = await session_line(caplog)
         assert f"upstream={up.endpoint}" in line and "connection refused" in line
 
     async def test_large_message_intact(self, aiosmtpd_upstream, client_service):
@@ -121,7 +121,7 @@ class TestFailuresGive421:
         assert reply.startswith(b"421 4.7.0 ") and reply.endswith(b"\r\n")
         assert up.recorder.messages == []
         await asyncio.sleep(0.1)
-        line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session ")][-1]
+        line = await session_line(caplog)
         assert "outcome=refused" in line and f"--pin {certs.other_server.fp}" in line
 
     @pytest.mark.parametrize("mode", ["starttls", "tls"])
@@ -131,7 +131,7 @@ class TestFailuresGive421:
         reply = await local_reply(svc.port)
         assert reply.startswith(b"421 4.4.1 ")
         await asyncio.sleep(0.1)
-        line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session ")][-1]
+        line = await session_line(caplog)
         assert line.count("connection refused") == 2
 
     async def test_upstream_rejects_our_certificate(self, aiosmtpd_upstream, client_service, certs):
@@ -177,7 +177,7 @@ class TestMaliciousUpstream:
         svc = await client_service(up.endpoint, mode="starttls", **kw)
         reply = await local_reply(svc.port)
         await asyncio.sleep(0.2)
-        line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session ")][-1]
+        line = await session_line(caplog)
         return reply, bytes(up.received), line
 
     async def test_no_starttls_advertised(self, client_service, scripted_upstream, caplog):

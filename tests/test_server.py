@@ -1,0 +1,368 @@
+"""certproxy server mode: refusals, injection, and the happy path, with a recording backend."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import smtplib
+import ssl
+from dataclasses import dataclass, field
+
+import pytest
+
+import certproxy
+from conftest import read_reply, session_line
+
+MESSAGE = b"From: a@laptop.test\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nhello through certproxy server\r\n"
+
+
+@dataclass
+class Backend:
+    """A fake MTA that records every connection and every byte; greets, and says 250 to everything."""
+
+    port: int = 0
+    connections: int = 0
+    received: bytearray = field(default_factory=bytearray)
+    ehlo_lines: bytes = b"250-backend.test\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def handle(self, reader, writer):
+        self.connections += 1
+        writer.write(b"220 backend.test ESMTP fake\r\n")
+        try:
+            while line := await reader.readline():
+                self.received += line
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(self.ehlo_lines)
+                elif verb == b"DATA":
+                    writer.write(b"354 go\r\n")
+                    while (data := await reader.readline()) not in (b".\r\n", b""):
+                        self.received += data
+                    self.received += data
+                    writer.write(b"250 2.0.0 Ok: queued\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 Bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 2.0.0 Ok\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def backend():
+    b = Backend()
+    server = await asyncio.start_server(b.handle, "127.0.0.1", 0)
+    b.port = server.sockets[0].getsockname()[1]
+    yield b
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+async def server_service(certs):
+    services = []
+
+    async def start(mode: str, backend: str, *, allow=None, **kw) -> certproxy.ServerService:
+        cfg = certproxy.ServerConfig(
+            listen=certproxy.Endpoint(host="127.0.0.1", port=0),
+            backend=certproxy.Endpoint.parse(backend, "--backend"),
+            mode=certproxy.TLSMode.IMPLICIT if mode == "tls" else certproxy.TLSMode.STARTTLS,
+            cert=str(certs.server.cert), key=str(certs.server.key),
+            allow=tuple(str(a) for a in (allow if allow is not None else [certs.client.cert])),
+            hostname="mx.certproxy.test", **kw)
+        svc = certproxy.ServerService(cfg)
+        await svc.start()
+        services.append(svc)
+        return svc
+
+    yield start
+    for s in services:
+        await s.stop()
+
+
+def client_ctx(certs, pair=None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if pair is not None:
+        ctx.load_cert_chain(pair.cert, pair.key)
+    return ctx
+
+
+def smtplib_send(port: int, mode: str, ctx: ssl.SSLContext) -> dict:
+    if mode == "tls":
+        s = smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=30)
+    else:
+        s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+        s.ehlo("laptop.test")
+        s.starttls(context=ctx)
+    with s:
+        s.ehlo("laptop.test")
+        return s.sendmail("a@laptop.test", ["b@example.net"], MESSAGE)
+
+
+async def tls_open(port: int, mode: str, ctx: ssl.SSLContext):
+    """A raw TLS SMTP connection (after the STARTTLS dance when needed); returns (reader, writer, greeting)."""
+    if mode == "tls":
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+        return reader, writer, await read_reply(reader)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    greeting = await read_reply(reader)
+    writer.write(b"EHLO laptop.test\r\n")
+    await read_reply(reader)
+    writer.write(b"STARTTLS\r\n")
+    assert (await read_reply(reader)).startswith(b"220 ")
+    await writer.start_tls(ctx, server_hostname="localhost")
+    return reader, writer, greeting
+
+
+class TestHappyPath:
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    async def test_allowed_client_reaches_backend(self, certs, backend, server_service, mode, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        svc = await server_service(mode, backend.endpoint)
+        assert await asyncio.to_thread(smtplib_send, svc.port, mode, client_ctx(certs, certs.client)) == {}
+        assert backend.connections == 1
+        assert b"hello through certproxy server" in backend.received
+        assert backend.received.lower().startswith(b"ehlo laptop.test\r\nmail from:<a@laptop.test>")
+        await asyncio.sleep(0.1)
+        line = await session_line(caplog)
+        for fact in ("outcome=ok", f"cert_fp={certs.client.fp}", 'cert_subject="CN=laptop"', "tls=TLSv1.3",
+                     f"backend={backend.endpoint}", "bytes_in=", "bytes_out="):
+            assert fact in line, line
+
+    async def test_starttls_stripped_from_backend_ehlo(self, certs, backend, server_service):
+        svc = await server_service("starttls", backend.endpoint)
+        reader, writer, greeting = await tls_open(svc.port, "starttls", client_ctx(certs, certs.client))
+        assert greeting.startswith(b"220 mx.certproxy.test ")
+        writer.write(b"EHLO laptop.test\r\n")
+        ehlo = await read_reply(reader)
+        assert ehlo == b"250-backend.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+        writer.write(b"EHLO again.test\r\n")  # only the first reply is filtered; the MTA speaks for itself after
+        assert (await read_reply(reader)).startswith(b"250-backend.test")
+        writer.close()
+
+    async def test_implicit_greeting_is_the_backends(self, certs, backend, server_service):
+        svc = await server_service("tls", backend.endpoint)
+        reader, writer, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
+        assert greeting == b"220 backend.test ESMTP fake\r\n"
+        writer.close()
+
+    async def test_allow_directory(self, certs, backend, server_service, tmp_path):
+        d = tmp_path / "allowed"
+        d.mkdir()
+        (d / "laptop.pem").write_bytes(certs.client.cert.read_bytes())
+        svc = await server_service("tls", backend.endpoint, allow=[d])
+        assert await asyncio.to_thread(smtplib_send, svc.port, "tls", client_ctx(certs, certs.client)) == {}
+
+    async def test_resumed_session_is_authorised_again(self, certs, backend, server_service, caplog):
+        """TLS 1.2 session-ID resumption skips the certificate check of the handshake; certproxy judges
+        the certificate of every session, resumed or not, against the allowlist in force now."""
+        caplog.set_level(logging.INFO, "certproxy")
+        svc = await server_service("tls", backend.endpoint)
+        ctx = client_ctx(certs, certs.client)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+
+        def connect(session=None):
+            import socket
+            with ctx.wrap_socket(socket.create_connection(("127.0.0.1", svc.port), timeout=20),
+                                 server_hostname="localhost", session=session) as s:
+                greeting = s.recv(1024)
+                s.sendall(b"MAIL FROM:<a@laptop.test>\r\n")
+                reply = s.recv(1024)
+                session, reused = s.session, s.session_reused
+                try:
+                    s.unwrap()  # close_notify: OpenSSL keeps only cleanly closed sessions resumable
+                except (ssl.SSLError, OSError):
+                    pass
+                return session, reused, greeting, reply
+
+        sess, _, greeting, reply = await asyncio.to_thread(connect)
+        assert greeting.startswith(b"220 backend.test") and reply.startswith(b"250")
+        # The certificate leaves the allowlist (what a reload does to the policy).
+        svc.policy = certproxy.ClientPolicy(frozenset(), (), certproxy.Pins(frozenset()))
+        _, reused, greeting, reply = await asyncio.to_thread(connect, sess)
+        assert reused is True  # the resumption path really was taken
+        assert reply == b"554 5.7.1 certificate not authorised\r\n"
+        assert backend.connections == 1
+        await asyncio.sleep(0.1)
+        assert "resumed=yes" in (await session_line(caplog))
+
+
+class TestRefusals:
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    async def test_no_certificate_gets_530(self, certs, backend, server_service, mode, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        svc = await server_service(mode, backend.endpoint)
+        reader, writer, _ = await tls_open(svc.port, mode, client_ctx(certs))
+        writer.write(b"EHLO laptop.test\r\n")
+        assert (await read_reply(reader)).startswith(b"250 ")
+        writer.write(b"MAIL FROM:<a@laptop.test>\r\n")
+        assert await read_reply(reader) == b"530 5.7.0 client certificate required\r\n"
+        writer.write(b"QUIT\r\n")
+        assert (await read_reply(reader)).startswith(b"221 ")
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert backend.connections == 0
+        line = (await session_line(caplog))
+        assert "outcome=refused" in line and "no client certificate" in line
+
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    async def test_unknown_certificate_fails_handshake(self, certs, backend, server_service, mode, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        svc = await server_service(mode, backend.endpoint)
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            reader, writer, _ = await tls_open(svc.port, mode, client_ctx(certs, certs.other_client))
+            writer.write(b"EHLO laptop.test\r\n")
+            reply = await read_reply(reader)
+            if not reply:
+                raise ConnectionError("closed")
+        await asyncio.sleep(0.2)
+        assert backend.connections == 0
+        line = (await session_line(caplog))
+        assert "outcome=refused" in line and "--allow" in line
+
+    async def test_client_ca_and_fingerprint_narrowing(self, certs, backend, server_service, tmp_path):
+        trustme = pytest.importorskip("trustme")
+        ca = trustme.CA()
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(ca_file)
+        alice, bob = ca.issue_cert("alice@laptop.test"), ca.issue_cert("bob@laptop.test")
+        pairs = []
+        for name, leaf in (("alice", alice), ("bob", bob)):
+            c, k = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+            leaf.cert_chain_pems[0].write_to_path(c)
+            leaf.private_key_pem.write_to_path(k)
+            pairs.append(type(certs.client)(c, k))
+        alice_pair, bob_pair = pairs
+        svc = await server_service("tls", backend.endpoint, allow=[], client_ca=str(ca_file),
+                                   allow_fingerprints=certproxy.Pins.parse([alice_pair.fp], "--allow-fingerprint"))
+        assert await asyncio.to_thread(smtplib_send, svc.port, "tls", client_ctx(certs, alice_pair)) == {}
+        assert backend.connections == 1
+        reader, writer, greeting = await tls_open(svc.port, "tls", client_ctx(certs, bob_pair))
+        writer.write(b"MAIL FROM:<b@laptop.test>\r\n")
+        assert await read_reply(reader) == b"554 5.7.1 certificate not authorised\r\n"
+        writer.close()
+        assert backend.connections == 1
+
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    async def test_backend_down_gives_421_inside_tls(self, certs, server_service, mode, caplog):
+        from conftest import free_port
+        caplog.set_level(logging.INFO, "certproxy")
+        svc = await server_service(mode, f"127.0.0.1:{free_port()}")
+        reader, writer, greeting = await tls_open(svc.port, mode, client_ctx(certs, certs.client))
+        reply = greeting if mode == "tls" else await read_reply(reader)
+        assert reply.startswith(b"421 4.3.0 ")
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert "connection refused" in (await session_line(caplog))
+
+
+class TestStartTLSInjection:
+    @pytest.mark.parametrize("payload", [
+        b"STARTTLS\r\nMAIL FROM:<x@y>\r\n",
+        b"STARTTLS\r\nEHLO x\r\n",
+        b"STARTTLS\r\nMAIL FR",
+        b"EHLO a\r\nSTARTTLS\r\nRSET\r\n",
+    ])
+    async def test_pipelined_bytes_after_starttls_close_the_connection(self, certs, backend, server_service,
+                                                                        payload, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        svc = await server_service("starttls", backend.endpoint)
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        await read_reply(reader)
+        writer.write(payload)  # one write, one segment
+        rest = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        assert rest.endswith(b"421 4.7.0 pipelined data after STARTTLS; closing\r\n")
+        assert b"220 2.0.0" not in rest
+        await asyncio.sleep(0.1)
+        assert backend.connections == 0
+        assert "CVE-2011-0411" in (await session_line(caplog))
+
+
+class TestPreTLSDialogue:
+    async def _talk(self, port, *lines: bytes) -> list[bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        replies = [await read_reply(reader)]
+        for line in lines:
+            writer.write(line)
+            replies.append(await read_reply(reader))
+        writer.close()
+        return replies
+
+    async def test_dialogue(self, certs, backend, server_service):
+        svc = await server_service("starttls", backend.endpoint)
+        greeting, ehlo, mail, arg, noop, rset, helo, quit_ = await self._talk(
+            svc.port, b"EHLO laptop.test\r\n", b"MAIL FROM:<a@b>\r\n", b"STARTTLS now\r\n", b"NOOP\r\n",
+            b"RSET\r\n", b"HELO x\r\n", b"QUIT\r\n")
+        assert greeting == b"220 mx.certproxy.test ESMTP certproxy\r\n"
+        assert ehlo == b"250-mx.certproxy.test\r\n250 STARTTLS\r\n"
+        assert mail == b"530 5.7.0 Must issue a STARTTLS command first\r\n"
+        assert arg.startswith(b"501 5.5.4 ")
+        assert noop.startswith(b"250 ") and rset.startswith(b"250 ") and helo == b"250 mx.certproxy.test\r\n"
+        assert quit_.startswith(b"221 ")
+        assert backend.connections == 0
+
+    async def test_long_line(self, certs, backend, server_service):
+        svc = await server_service("starttls", backend.endpoint)
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        await read_reply(reader)
+        writer.write(b"EHLO " + b"x" * 1_000_000 + b"\r\n")
+        rest = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        assert rest == b"500 5.5.2 line too long\r\n"
+
+    async def test_too_many_errors(self, certs, backend, server_service):
+        svc = await server_service("starttls", backend.endpoint)
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        await read_reply(reader)
+        writer.write(b"MAIL FROM:<a@b>\r\n" * 20)
+        rest = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        assert rest.count(b"530 ") == certproxy.MAX_DIALOGUE_ERRORS
+        assert rest.endswith(b"421 4.7.0 too many errors\r\n")
+
+    async def test_slowloris_cut_at_total_deadline(self, certs, backend, server_service, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        svc = await server_service("starttls", backend.endpoint, timeouts=certproxy.Timeouts(dialogue=1.0))
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        await read_reply(reader)
+        closed = False
+        for ch in b"EHLO slow.client.example.test\r\n" * 3:
+            try:
+                writer.write(bytes([ch]))
+                await writer.drain()
+            except ConnectionError:
+                closed = True
+                break
+            if reader.at_eof():
+                closed = True
+                break
+            await asyncio.sleep(0.1)
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert closed or data.count(b"250") < 3
+        await asyncio.sleep(0.1)
+        assert "outcome=timeout" in (await session_line(caplog))
+
+
+class TestFullTunnel:
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    async def test_client_to_server_to_mta(self, certs, backend, server_service, client_service, mode):
+        srv = await server_service(mode, backend.endpoint)
+        cli = await client_service(f"127.0.0.1:{srv.port}", mode=mode)
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", cli.port, timeout=30) as s:
+                s.ehlo("laptop.test")
+                assert "starttls" not in s.esmtp_features
+                return s.sendmail("a@laptop.test", ["b@example.net"], MESSAGE)
+        assert await asyncio.to_thread(send) == {}
+        assert b"hello through certproxy server" in backend.received

@@ -1117,76 +1117,80 @@ def _kv(**facts: object) -> str:
 
 
 class _Listener:
-    """What both services share: a listening socket, a connection limit, live session tasks."""
+    """What both services share: a listening socket, an accept loop with a connection limit, and
+    the live session tasks. Sockets are accepted raw, so each session decides how its transport
+    starts (plain, or implicit TLS whose handshake errors it catches and logs itself)."""
 
     service_name = "?"
 
-    def __init__(self, listen: Endpoint, max_connections: int) -> None:
+    def __init__(self, listen: Endpoint, max_connections: int, busy_reply: bytes | None) -> None:
         self.listen = listen
         self.max_connections = max_connections
-        self.server: asyncio.base_events.Server | None = None
+        self.busy_reply = busy_reply
+        self.sock: socket.socket | None = None
         self.active: set[asyncio.Task] = set()
+        self._accepting: asyncio.Task | None = None
 
     @property
     def port(self) -> int:
-        return self.server.sockets[0].getsockname()[1]
+        return self.sock.getsockname()[1]
 
-    async def _listen(self, factory) -> None:
-        loop = asyncio.get_running_loop()
+    async def _listen(self) -> None:
         ep = self.listen
+        family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
         try:
-            self.server = await loop.create_server(factory, ep.host, ep.port, backlog=LISTEN_BACKLOG,
-                                                   reuse_address=True)
+            self.sock = socket.create_server((ep.host, ep.port), family=family, backlog=LISTEN_BACKLOG)
         except OSError as e:
             raise ConfigError("--listen", f"cannot listen on {ep}: {e.strerror or e}") from None
+        self.sock.setblocking(False)
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
 
-    def _accept(self, pump: _Pump, busy_reply: bytes | None) -> None:
-        if len(self.active) >= self.max_connections:
-            if busy_reply:
-                pump.transport.write(busy_reply)
-            pump.transport.close()
-            log.warning("refused %s", _kv(service=self.service_name, peer=_peer(pump.transport),
-                                          reason=f"connection limit ({self.max_connections}) reached"))
-            return
-        task = asyncio.get_running_loop().create_task(self._session(pump))
-        self.active.add(task)
-        task.add_done_callback(self.active.discard)
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(self.sock)
+            except OSError as e:  # EMFILE and friends: say so, breathe, go on
+                log.error("accept failed on %s: %s; check the open-files limit (ulimit -n)", self.listen, e)
+                await asyncio.sleep(0.5)
+                continue
+            sock.setblocking(False)
+            peer = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+            if len(self.active) >= self.max_connections:
+                try:
+                    if self.busy_reply:
+                        sock.send(self.busy_reply)
+                except OSError:
+                    pass
+                sock.close()
+                log.warning("refused %s", _kv(service=self.service_name, peer=peer,
+                                              reason=f"connection limit ({self.max_connections}) reached"))
+                continue
+            task = loop.create_task(self._session(sock, peer))
+            self.active.add(task)
+            task.add_done_callback(self.active.discard)
 
-    async def _session(self, pump: _Pump) -> None:
+    async def _session(self, sock: socket.socket, peer: str) -> None:
         raise NotImplementedError
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        if self.sock is not None:
+            self.sock.close()
         for task in list(self.active):
             task.cancel()
         if self.active:
             await asyncio.gather(*self.active, return_exceptions=True)
-        if self.server is not None:
-            await self.server.wait_closed()
 
 
-class _AcceptPump(_Pump):
-    """The accepted (first) side of a session: holds everything until the service says otherwise."""
-
-    __slots__ = ("service", "busy_reply")
-
-    def __init__(self, service: _Listener, busy_reply: bytes | None) -> None:
-        super().__init__()
-        self.service = service
-        self.busy_reply = busy_reply
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        transport.pause_reading()
-        self.service._accept(self, self.busy_reply)
-
-
-def _peer(transport: asyncio.BaseTransport) -> str:
-    addr = transport.get_extra_info("peername")
-    if not addr:
-        return "?"
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+async def _adopt(sock: socket.socket) -> _Pump:
+    """A plain transport for an accepted socket; what the peer sends is held until asked for."""
+    pump = _Pump()
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: pump, sock)
+    pump.transport.pause_reading()
+    return pump
 
 
 class ClientService(_Listener):
@@ -1195,20 +1199,20 @@ class ClientService(_Listener):
     service_name = "client"
 
     def __init__(self, cfg: ClientConfig) -> None:
-        super().__init__(cfg.listen, cfg.max_connections)
+        super().__init__(cfg.listen, cfg.max_connections,
+                         b"421 4.7.0 certproxy: too many connections, try again later\r\n")
         self.cfg = cfg
         self.ctx = client_context(cfg)
 
     async def start(self) -> None:
-        busy = b"421 4.7.0 certproxy: too many connections, try again later\r\n"
-        await self._listen(lambda: _AcceptPump(self, busy))
+        await self._listen()
         ups = ", ".join(f"{u.endpoint} ({u.mode.value})" for u in self.cfg.upstreams)
         log.info("listening service=client listen=%s:%d upstreams=%r", self.listen.host, self.port, ups)
 
-    async def _session(self, local: _Pump) -> None:
+    async def _session(self, sock: socket.socket, peer: str) -> None:
         sid = next(_session_ids)
         t0 = time.monotonic()
-        peer = _peer(local.transport)
+        local = await _adopt(sock)
         facts: dict[str, object] = {}
         outcome, reason = "ok", ""
         upstream: _Upstream | None = None
@@ -1282,32 +1286,37 @@ class ServerService(_Listener):
     service_name = "server"
 
     def __init__(self, cfg: ServerConfig) -> None:
-        super().__init__(cfg.listen, cfg.max_connections)
+        hostname = cfg.hostname or socket.getfqdn() or "localhost"
+        # Before TLS we can say we are busy; on an implicit-TLS port only a close is possible.
+        busy = f"421 4.7.0 {hostname} too busy, try again later\r\n".encode()
+        super().__init__(cfg.listen, cfg.max_connections, busy if cfg.mode is TLSMode.STARTTLS else None)
         self.cfg = cfg
-        self.hostname = cfg.hostname or socket.getfqdn() or "localhost"
+        self.hostname = hostname
         self.ctx, self.policy = server_context(cfg)
 
     async def start(self) -> None:
-        busy = b"421 4.7.0 " + self.hostname.encode() + b" too busy, try again later\r\n"
-        await self._listen(lambda: _AcceptPump(self, busy if self.cfg.mode is TLSMode.STARTTLS else None))
+        await self._listen()
         log.info("listening service=server listen=%s:%d mode=%s backend=%s", self.listen.host, self.port,
                  self.cfg.mode.value, self.cfg.backend)
 
-    async def _session(self, client: _Pump) -> None:
+    async def _session(self, sock: socket.socket, peer: str) -> None:
         sid = next(_session_ids)
         t0 = time.monotonic()
-        facts: dict[str, object] = {"peer": _peer(client.transport), "mode": self.cfg.mode.value}
+        facts: dict[str, object] = {"peer": peer, "mode": self.cfg.mode.value}
         outcome, reason = "ok", ""
         backend: _Pump | None = None
-        tls_pump = client
+        tls_pump = _Pump()
         try:
             if self.cfg.mode is TLSMode.STARTTLS:
+                client = tls_pump = await _adopt(sock)
                 gate = SMTPGate(self.hostname)
                 client.transport.write(gate.greeting())
                 if not await self._converse(client, gate, self.cfg.timeouts.dialogue):
                     outcome, reason = "closed", gate.reason or "client left before STARTTLS"
                     return
-            tls_pump = await self._handshake(client)
+                tls_pump = await self._handshake(client)
+            else:
+                tls_pump = await self._handshake(None, sock)
             facts.update(tls_facts(tls_pump.transport))
             der = peer_certificate(tls_pump.transport)
             refusal = self._authorise(der, facts)
@@ -1361,19 +1370,28 @@ class ServerService(_Listener):
                 if gate.state is _GateState.STARTTLS:
                     return True  # reading is paused: nothing more is read in clear
 
-    async def _handshake(self, client: _Pump) -> _Pump:
+    async def _handshake(self, client: _Pump | None, sock: socket.socket | None = None) -> _Pump:
+        """TLS on the STARTTLS connection ``client``, or on the freshly accepted ``sock`` (implicit)."""
         loop = asyncio.get_running_loop()
         pump = _Pump()
         hs = self.cfg.timeouts.handshake
         try:
             async with asyncio.timeout(hs):
-                transport = await loop.start_tls(client.transport, pump, self.ctx, server_side=True,
-                                                 ssl_handshake_timeout=hs)
-        except (TimeoutError, asyncio.TimeoutError):
-            client.transport.abort()
-            raise SessionError("", "TLS handshake timed out") from None
-        except (OSError, ssl.SSLError) as e:
-            client.transport.abort()
+                if client is not None:
+                    transport = await loop.start_tls(client.transport, pump, self.ctx, server_side=True,
+                                                     ssl_handshake_timeout=hs)
+                else:
+                    transport, _ = await loop.connect_accepted_socket(lambda: pump, sock, ssl=self.ctx,
+                                                                      ssl_handshake_timeout=hs)
+        except BaseException as e:
+            if client is not None:
+                client.transport.abort()
+            elif pump.transport is None:
+                sock.close()
+            if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
+                raise SessionError("", "TLS handshake timed out") from None
+            if not isinstance(e, (OSError, ssl.SSLError)):
+                raise
             raise PeerRejected("", f"TLS handshake failed: {_describe(e)} (an unknown client certificate "
                                    "fails here: add it with --allow, or issue it from --client-ca)") from None
         pump.connection_made(transport)

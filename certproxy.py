@@ -811,12 +811,16 @@ class _Pump(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake()
-        peer = self.peer
-        if peer is not None and not peer.lost:
-            if peer.transport.can_write_eof():
+        peer, splice = self.peer, self._splice
+        if peer is not None and splice is not None and not peer.lost:
+            if peer.eof:
+                splice.close()  # both have said all they will: done
+            elif peer.transport.can_write_eof():
                 peer.transport.write_eof()
-            elif self._splice is not None:
-                self._splice.linger()
+            elif self is splice.b:
+                splice.close()  # the server side is done talking, and TLS cannot pass on a half-close
+            else:
+                splice.linger()  # the client is done talking; the server may still answer
         # Keep a plain side open: the other direction may still have bytes for it. (asyncio's TLS
         # transports close on EOF whatever we answer, and warn if we answer True.)
         return self.transport.get_extra_info("ssl_object") is None
@@ -868,7 +872,8 @@ async def _goodbye(pump: _Pump, reply: str | bytes) -> None:
 
 
 class _Splice:
-    """Two linked pumps, an idle timer, and a future that completes when both sides are closed."""
+    """Two linked pumps, an idle timer, and a future that completes when both sides are closed.
+    ``a`` is the side that connected to us, ``b`` the side we dialed (the SMTP server)."""
 
     def __init__(self, a: _Pump, b: _Pump, idle: float) -> None:
         self.a, self.b = a, b
@@ -1517,6 +1522,132 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     return status
 
 
+class _SinkMTA:
+    """A minimal SMTP server that keeps each message in memory: the demo's stand-in for Postfix."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 sink.demo ESMTP demo sink\r\n")
+        mail_from, rcpts = "", []
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    writer.write(b"250-sink.demo\r\n250 8BITMIME\r\n" if verb == b"EHLO" else b"250 sink.demo\r\n")
+                elif verb == b"MAIL":
+                    mail_from, rcpts = line[10:].strip().decode(), []
+                    writer.write(b"250 2.1.0 Ok\r\n")
+                elif verb == b"RCPT":
+                    rcpts.append(line[8:].strip().decode())
+                    writer.write(b"250 2.1.5 Ok\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    body = bytearray()
+                    while (data := await reader.readline()) not in (b".\r\n", b""):
+                        body += data[1:] if data.startswith(b"..") else data
+                    self.messages.append((mail_from, rcpts, bytes(body)))
+                    writer.write(b"250 2.0.0 Ok: queued\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 Bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 2.0.0 Ok\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def _demo(workdir: str) -> int:
+    import smtplib
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    paths = {}
+    for name, usage, sans in (("server", "server", ("localhost", "127.0.0.1")), ("laptop", "client", ())):
+        cert, key = make_certificate(f"{name}.demo" if usage == "server" else name, usage=usage, sans=sans)
+        paths[name] = (os.path.join(workdir, f"{name}.pem"), os.path.join(workdir, f"{name}.key"))
+        with open(paths[name][0], "wb") as f:
+            f.write(cert)
+        fd = os.open(paths[name][1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+    server_fp = format_fingerprint(cert_fingerprint(_pem_to_der(paths["server"][0])[0]))
+    laptop_fp = format_fingerprint(cert_fingerprint(_pem_to_der(paths["laptop"][0])[0]))
+    say(f"1. certificates in {workdir}\n   server  sha256 {server_fp}\n   laptop  sha256 {laptop_fp}")
+    sink = _SinkMTA()
+    sink_port = await sink.start()
+    say(f"2. sink MTA (stands in for Postfix) on 127.0.0.1:{sink_port}")
+    server = ServerService(ServerConfig(
+        listen=Endpoint(host="127.0.0.1", port=0), backend=Endpoint(host="127.0.0.1", port=sink_port),
+        mode=TLSMode.STARTTLS, cert=paths["server"][0], key=paths["server"][1], allow=(paths["laptop"][0],),
+        hostname="server.demo"))
+    await server.start()
+    say(f"3. certproxy server on 127.0.0.1:{server.port}: STARTTLS, only the laptop certificate allowed")
+    client = ClientService(ClientConfig(
+        listen=Endpoint(host="127.0.0.1", port=0),
+        upstreams=(Upstream(endpoint=Endpoint(host="127.0.0.1", port=server.port), mode=TLSMode.STARTTLS),),
+        cert=paths["laptop"][0], key=paths["laptop"][1], pins=Pins.parse([server_fp], "--pin"),
+        server_name="localhost"))
+    await client.start()
+    say(f"4. certproxy client on 127.0.0.1:{client.port}: pins the server, presents the laptop certificate")
+    body = (b"From: me@laptop.demo\r\nTo: friend@example.net\r\nSubject: certproxy demo\r\n\r\n"
+            b"Sent in plain SMTP to localhost, carried over pinned mutual TLS.\r\n")
+
+    def send() -> dict:
+        with smtplib.SMTP("127.0.0.1", client.port, timeout=30) as s:
+            s.ehlo("laptop.demo")
+            return s.sendmail("me@laptop.demo", ["friend@example.net"], body)
+
+    say("5. smtplib sends one message to the client port ...")
+    try:
+        refused = await asyncio.to_thread(send)
+    except (smtplib.SMTPException, OSError) as e:
+        say(f"   FAILED: {e}")
+        refused = {"*": str(e)}
+    for _ in range(100):  # let both sessions finish and log
+        if not client.active and not server.active:
+            break
+        await asyncio.sleep(0.02)
+    await client.stop()
+    await server.stop()
+    await sink.stop()
+    ok = not refused and len(sink.messages) == 1 and sink.messages[0][2] == body
+    if ok:
+        mail_from, rcpts, got = sink.messages[0]
+        say(f"6. delivered intact to the sink: from {mail_from} to {', '.join(rcpts)}, {len(got)} bytes")
+        say(got.decode().rstrip().replace("\r\n", "\n").replace("\n", "\n   | ").join(("   | ", "")))
+    else:
+        say(f"6. NOT delivered intact (sink holds {len(sink.messages)} message(s))")
+    say(f"""
+Do the same for real:
+  on the mail server:  certproxy server --starttls --listen 0.0.0.0:587 --backend 127.0.0.1:10025 \\
+                         --cert certs/server.pem --key certs/server.key --allow certs/laptop.pem
+  on the laptop:       certproxy client --upstream mail.example.org:587 \\
+                         --cert certs/laptop.pem --key certs/laptop.key --pin {server_fp}
+  then point your mail client at localhost:2525 (no TLS, no password).""")
+    return 0 if ok else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="certproxy-demo-") as workdir:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_demo(workdir))
+
+
 # endregion
 # region CLI --------------------------------------------------------------------------------------
 
@@ -1565,6 +1696,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="default %(default)s")
     sv.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S, metavar="SECONDS", help="default %(default)s")
     sv.set_defaults(func=_cmd_server)
+
+    d = sub.add_parser("demo", help="the whole chain on this machine, with throwaway certificates")
+    d.set_defaults(func=_cmd_demo)
 
     f = sub.add_parser("fingerprint", help="print the SHA-256 and SPKI fingerprints of certificates")
     f.add_argument("files", nargs="+", metavar="FILE")

@@ -355,7 +355,8 @@ class TestPreTLSDialogue:
 
 class TestFullTunnel:
     @pytest.mark.parametrize("mode", ["tls", "starttls"])
-    async def test_client_to_server_to_mta(self, certs, backend, server_service, client_service, mode):
+    async def test_client_to_server_to_mta(self, certs, backend, server_service, client_service, mode, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
         srv = await server_service(mode, backend.endpoint)
         cli = await client_service(f"127.0.0.1:{srv.port}", mode=mode)
 
@@ -366,3 +367,17 @@ class TestFullTunnel:
                 return s.sendmail("a@laptop.test", ["b@example.net"], MESSAGE)
         assert await asyncio.to_thread(send) == {}
         assert b"hello through certproxy server" in backend.received
+        # Both ends close as soon as the MTA says goodbye (no half-open TLS lingering), each with one ok line.
+        await session_line(caplog, count=2, timeout=5)
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session ")]
+        assert len(lines) == 2 and all("outcome=ok" in ln for ln in lines), lines
+
+
+def test_demo_exits_zero():
+    import subprocess
+    import sys
+    from pathlib import Path
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "certproxy.py"), "demo"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "delivered intact" in r.stdout and "outcome=ok" in r.stderr

@@ -1,0 +1,177 @@
+"""certproxy against real peers: Postfix (relay_clientcerts), swaks, openssl s_client, stunnel, smtp-sink.
+Every daemon is started here on free loopback ports and stopped by PID."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from realpeers import Postfix, Process, free_port, require_tool, smtp_sink, stunnel, wait_files
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def certproxy(tmp_path: Path, name: str, *args: str, port: int) -> Process:
+    return Process([sys.executable, str(ROOT / "certproxy.py"), *args], port, tmp_path / f"{name}.log")
+
+
+def swaks(port: int, *args: str, body: str = "hello from swaks") -> subprocess.CompletedProcess:
+    require_tool("swaks")
+    return subprocess.run(["swaks", "--server", f"127.0.0.1:{port}", "--from", "a@laptop.test",
+                           "--to", "b@example.net", "--h-Subject", "certproxy interop", "--body", body,
+                           "--timeout", "30", *args], capture_output=True, text=True, timeout=90)
+
+
+@pytest.fixture
+def postfix(tmp_path, certs):
+    with Postfix(tmp_path / "postfix", certs.server.cert, certs.server.key, {certs.client.fp: "laptop"}) as pf:
+        yield pf
+
+
+class TestClientAgainstPostfix:
+    """The laptop's certproxy client relays through a real Postfix that trusts only its certificate."""
+
+    @pytest.mark.parametrize("mode", ["starttls", "tls"])
+    def test_relay_through_certproxy(self, tmp_path, certs, postfix, mode):
+        port = free_port()
+        up = postfix.starttls_port if mode == "starttls" else postfix.tls_port
+        proc = certproxy(tmp_path, "client", "client", "--upstream", f"127.0.0.1:{up}", f"--{mode}",
+                         "--listen", f"127.0.0.1:{port}", "--cert", str(certs.client.cert),
+                         "--key", str(certs.client.key), "--pin", certs.server.fp, port=port)
+        try:
+            r = swaks(port, body=f"relayed over {mode}")
+        finally:
+            proc.stop()
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "250 2.0.0 Ok: queued" in r.stdout
+        [msg] = postfix.messages(1)
+        assert f"relayed over {mode}".encode() in msg
+        log = (tmp_path / "client.log").read_text()
+        assert "outcome=ok" in log and f"server_fp={certs.server.fp}" in log
+
+    def test_without_certproxy_relay_is_denied(self, certs, postfix):
+        r = swaks(postfix.starttls_port, "-tls")
+        assert r.returncode != 0 and "Relay access denied" in r.stdout
+        r = swaks(postfix.starttls_port, "-tls", "--tls-cert", str(certs.other_client.cert),
+                  "--tls-key", str(certs.other_client.key))
+        assert r.returncode != 0 and "Relay access denied" in r.stdout
+        assert postfix.messages(1, timeout=1) == []
+
+    def test_wrong_pin_gives_421_and_nothing_is_sent(self, tmp_path, certs, postfix):
+        port = free_port()
+        proc = certproxy(tmp_path, "client", "client", "--upstream", f"127.0.0.1:{postfix.starttls_port}",
+                         "--listen", f"127.0.0.1:{port}", "--cert", str(certs.client.cert),
+                         "--key", str(certs.client.key), "--pin", certs.other_server.fp, port=port)
+        try:
+            r = swaks(port)
+        finally:
+            proc.stop()
+        assert r.returncode != 0 and "421 4.7.0" in r.stdout
+        log = (tmp_path / "client.log").read_text()
+        assert f"--pin {certs.server.fp}" in log  # the fingerprint actually seen, ready to paste
+        assert postfix.messages(1, timeout=1) == []
+
+
+@pytest.fixture
+def sink(tmp_path):
+    proc, out = smtp_sink(tmp_path)
+    yield proc, out
+    proc.stop()
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def server_args(certs, mode: str, backend: int, port: int) -> list[str]:
+    return ["server", f"--{mode}", "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend}",
+            "--cert", str(certs.server.cert), "--key", str(certs.server.key), "--allow", str(certs.client.cert),
+            "--hostname", "mx.certproxy.test"]
+
+
+class TestServerWithRealClients:
+    @pytest.mark.parametrize("mode, flag", [("starttls", "-tls"), ("tls", "-tlsc")])
+    def test_swaks_with_and_without_certificate(self, tmp_path, certs, sink, mode, flag):
+        sink_proc, out = sink
+        port = free_port()
+        proc = certproxy(tmp_path, "server", *server_args(certs, mode, sink_proc.port, port), port=port)
+        try:
+            ok = swaks(port, flag, "--tls-cert", str(certs.client.cert), "--tls-key", str(certs.client.key),
+                       body="swaks with a certificate")
+            nocert = swaks(port, flag, body="swaks without a certificate")
+            stranger = swaks(port, flag, "--tls-cert", str(certs.other_client.cert),
+                             "--tls-key", str(certs.other_client.key), body="swaks with a stranger's certificate")
+            plain = swaks(port, body="swaks in clear") if mode == "starttls" else None
+        finally:
+            proc.stop()
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert nocert.returncode != 0 and "530 5.7.0 client certificate required" in nocert.stdout
+        assert stranger.returncode != 0
+        if plain is not None:
+            assert plain.returncode != 0 and "530 5.7.0 Must issue a STARTTLS command first" in plain.stdout
+        files = wait_files(out, 1)
+        assert len(files) == 1 and b"swaks with a certificate" in files[0].read_bytes()
+        log = (tmp_path / "server.log").read_text()
+        assert f"cert_fp={certs.client.fp}" in log and "no client certificate" in log
+
+    def test_openssl_s_client_starttls(self, tmp_path, certs, sink):
+        require_tool("openssl")
+        sink_proc, _ = sink
+        port = free_port()
+        proc = certproxy(tmp_path, "server", *server_args(certs, "starttls", sink_proc.port, port), port=port)
+        try:
+            r = subprocess.run(["openssl", "s_client", "-starttls", "smtp", "-connect", f"127.0.0.1:{port}",
+                                "-cert", str(certs.client.cert), "-key", str(certs.client.key), "-quiet",
+                                "-verify_quiet"], input="EHLO laptop.test\r\nQUIT\r\n", capture_output=True,
+                               text=True, timeout=60)
+        finally:
+            proc.stop()
+        assert "250-sink.certproxy.test" in r.stdout or "250 sink.certproxy.test" in r.stdout, r.stdout + r.stderr
+        assert "STARTTLS" not in r.stdout.split("250", 1)[1]
+        assert "221" in r.stdout
+
+    def test_stunnel_client_to_certproxy_server(self, tmp_path, certs, sink):
+        sink_proc, out = sink
+        port, st_port = free_port(), free_port()
+        proc = certproxy(tmp_path, "server", *server_args(certs, "starttls", sink_proc.port, port), port=port)
+        st = stunnel(tmp_path, "stunnel-client", f"""
+[out]
+client = yes
+accept = 127.0.0.1:{st_port}
+connect = 127.0.0.1:{port}
+protocol = smtp
+cert = {certs.client.cert}
+key = {certs.client.key}
+CAfile = {certs.server.cert}
+verifyPeer = yes
+""", st_port)
+        try:
+            r = swaks(st_port, body="through stunnel")
+        finally:
+            st.stop()
+            proc.stop()
+        assert r.returncode == 0, r.stdout + r.stderr + st.log.read_text()
+        files = wait_files(out, 1)
+        assert len(files) == 1 and b"through stunnel" in files[0].read_bytes()
+
+
+class TestFullTunnelProcesses:
+    @pytest.mark.parametrize("mode", ["starttls", "tls"])
+    def test_client_to_server_to_smtp_sink(self, tmp_path, certs, sink, mode):
+        sink_proc, out = sink
+        sport, cport = free_port(), free_port()
+        server = certproxy(tmp_path, "server", *server_args(certs, mode, sink_proc.port, sport), port=sport)
+        client = certproxy(tmp_path, "client", "client", "--upstream", f"127.0.0.1:{sport}", f"--{mode}",
+                           "--listen", f"127.0.0.1:{cport}", "--cert", str(certs.client.cert),
+                           "--key", str(certs.client.key), "--pin", certs.server.spki, port=cport)
+        try:
+            results = [swaks(cport, body=f"tunnel message {i}") for i in range(3)]
+        finally:
+            client.stop()
+            server.stop()
+        for r in results:
+            assert r.returncode == 0, r.stdout + r.stderr
+        files = wait_files(out, 3)
+        bodies = b"".join(f.read_bytes() for f in files)
+        assert len(files) == 3 and all(f"tunnel message {i}".encode() in bodies for i in range(3))

@@ -1523,24 +1523,34 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 class _SinkMTA:
-    """A minimal SMTP server that keeps each message in memory: the demo's stand-in for Postfix."""
+    """A minimal SMTP server that keeps each message in memory: the demo's stand-in for Postfix
+    (and the tests' recording backend: every connection and every byte received is counted)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hostname: str = "sink.demo", keywords: tuple[str, ...] = ("8BITMIME",)) -> None:
+        self.hostname = hostname
+        self.ehlo = "".join(f"250-{line}\r\n" for line in (hostname, *keywords[:-1])).encode()
+        self.ehlo += f"250 {keywords[-1] if keywords else ''}\r\n".encode()
         self.messages: list[tuple[str, list[str], bytes]] = []
+        self.connections = 0
+        self.received = bytearray()
         self.server: asyncio.base_events.Server | None = None
+        self.port = 0
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 sink.demo ESMTP demo sink\r\n")
+        self.connections += 1
+        writer.write(f"220 {self.hostname} ESMTP sink\r\n".encode())
         mail_from, rcpts = "", []
         try:
             while line := await reader.readline():
+                self.received += line
                 verb = line[:4].upper()
                 if verb in (b"EHLO", b"HELO"):
-                    writer.write(b"250-sink.demo\r\n250 8BITMIME\r\n" if verb == b"EHLO" else b"250 sink.demo\r\n")
+                    writer.write(self.ehlo if verb == b"EHLO" else f"250 {self.hostname}\r\n".encode())
                 elif verb == b"MAIL":
                     mail_from, rcpts = line[10:].strip().decode(), []
                     writer.write(b"250 2.1.0 Ok\r\n")
@@ -1551,7 +1561,9 @@ class _SinkMTA:
                     writer.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     body = bytearray()
                     while (data := await reader.readline()) not in (b".\r\n", b""):
+                        self.received += data
                         body += data[1:] if data.startswith(b"..") else data
+                    self.received += data
                     self.messages.append((mail_from, rcpts, bytes(body)))
                     writer.write(b"250 2.0.0 Ok: queued\r\n")
                 elif verb == b"QUIT":

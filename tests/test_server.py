@@ -6,7 +6,6 @@ import asyncio
 import logging
 import smtplib
 import ssl
-from dataclasses import dataclass, field
 
 import pytest
 
@@ -16,52 +15,14 @@ from conftest import read_reply, session_line
 MESSAGE = b"From: a@laptop.test\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nhello through certproxy server\r\n"
 
 
-@dataclass
-class Backend:
-    """A fake MTA that records every connection and every byte; greets, and says 250 to everything."""
-
-    port: int = 0
-    connections: int = 0
-    received: bytearray = field(default_factory=bytearray)
-    ehlo_lines: bytes = b"250-backend.test\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def handle(self, reader, writer):
-        self.connections += 1
-        writer.write(b"220 backend.test ESMTP fake\r\n")
-        try:
-            while line := await reader.readline():
-                self.received += line
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    writer.write(self.ehlo_lines)
-                elif verb == b"DATA":
-                    writer.write(b"354 go\r\n")
-                    while (data := await reader.readline()) not in (b".\r\n", b""):
-                        self.received += data
-                    self.received += data
-                    writer.write(b"250 2.0.0 Ok: queued\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 2.0.0 Bye\r\n")
-                    break
-                else:
-                    writer.write(b"250 2.0.0 Ok\r\n")
-                await writer.drain()
-        finally:
-            writer.close()
-
-
 @pytest.fixture
 async def backend():
-    b = Backend()
-    server = await asyncio.start_server(b.handle, "127.0.0.1", 0)
-    b.port = server.sockets[0].getsockname()[1]
+    """certproxy's own sink MTA as a recording backend; it advertises STARTTLS to test the stripping."""
+    b = certproxy._SinkMTA("backend.test", ("PIPELINING", "STARTTLS", "8BITMIME"))
+    await b.start()
+    b.endpoint = f"127.0.0.1:{b.port}"
     yield b
-    server.close()
-    await server.wait_closed()
+    await b.stop()
 
 
 @pytest.fixture
@@ -151,7 +112,7 @@ class TestHappyPath:
     async def test_implicit_greeting_is_the_backends(self, certs, backend, server_service):
         svc = await server_service("tls", backend.endpoint)
         reader, writer, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
-        assert greeting == b"220 backend.test ESMTP fake\r\n"
+        assert greeting == b"220 backend.test ESMTP sink\r\n"
         writer.close()
 
     async def test_allow_directory(self, certs, backend, server_service, tmp_path):

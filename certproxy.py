@@ -856,7 +856,7 @@ async def _goodbye(pump: _Pump, reply: str | bytes) -> None:
     sends for a moment (closing with unread input makes the kernel send a reset, which can destroy
     the reply in flight)."""
     t = pump.transport
-    if t is None or pump.lost:
+    if t is None or pump.lost or t.is_closing():
         return
     if reply:
         t.write(reply if isinstance(reply, bytes) else reply.encode() + b"\r\n")

@@ -757,7 +757,7 @@ class _Pump(asyncio.Protocol):
     Backpressure: when our transport's write buffer is full, the peer stops reading.
     """
 
-    __slots__ = ("transport", "peer", "held", "nbytes", "lost", "eof", "waiter", "filter", "_splice")
+    __slots__ = ("transport", "peer", "held", "nbytes", "lost", "eof", "plain", "waiter", "filter", "_splice")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -766,6 +766,7 @@ class _Pump(asyncio.Protocol):
         self.nbytes = 0
         self.lost = False
         self.eof = False
+        self.plain = True  # a TCP transport that can half-close, as opposed to TLS
         self.waiter: asyncio.Future[None] | None = None  # woken by held data or loss, before linking
         self.filter: StripStartTLS | None = None  # rewrites what we receive until it says done
         self._splice: _Splice | None = None
@@ -787,6 +788,7 @@ class _Pump(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.plain = transport.get_extra_info("sslcontext") is None
         if self.held:  # start_tls() delivered data before it returned the transport
             transport.pause_reading()
 
@@ -823,7 +825,7 @@ class _Pump(asyncio.Protocol):
                 splice.linger()  # the client is done talking; the server may still answer
         # Keep a plain side open: the other direction may still have bytes for it. (asyncio's TLS
         # transports close on EOF whatever we answer, and warn if we answer True.)
-        return self.transport.get_extra_info("ssl_object") is None
+        return self.plain
 
     def pause_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None and not self.peer.lost:

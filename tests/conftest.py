@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import ssl
@@ -230,3 +231,16 @@ async def session_line(caplog, index: int = -1, count: int = 1, timeout: float =
             if len(lines) >= count:
                 return lines[index]
             await asyncio.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def no_asyncio_errors(caplog):
+    """A task that died with an unretrieved exception, or a transport error asyncio had to log, is a
+    bug even when the test's own assertions pass."""
+    import gc
+
+    yield
+    gc.collect()
+    errors = [r.getMessage() for r in caplog.get_records("call") + caplog.get_records("teardown")
+              if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert not errors, errors

@@ -344,6 +344,13 @@ def client_context(cfg: ClientConfig) -> ssl.SSLContext:
     return ctx
 
 
+def _pem_to_der(path: str) -> list[bytes]:
+    with open(path, "rb") as f:
+        data = f.read()
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.DOTALL)
+    return [ssl.PEM_cert_to_DER_cert(b.decode()) for b in blocks]
+
+
 @dataclass(frozen=True, slots=True)
 class ClientPolicy:
     """Who may reach the backend: exact certificates (--allow), certificates a private CA issued
@@ -1457,9 +1464,17 @@ class ServerService(_Listener):
 # region Tools: certificates ----------------------------------------------------------------------
 
 
-def make_certificate(name: str, *, usage: str = "server", sans: tuple[str, ...] = (), days: int = 825,
-                     rsa: bool = False) -> tuple[bytes, bytes]:
-    """A self-signed leaf certificate every peer accepts (CA:FALSE, EKU, SANs). Returns (cert PEM, key PEM)."""
+EXPIRY_WARNING_DAYS = 30  # warn this long before a configured certificate expires
+
+
+def make_certificate(name: str, *, usage: str = "both", sans: tuple[str, ...] = (), days: int = 825,
+                     rsa: bool = False, issuer: tuple | None = None, ca: bool = False) -> tuple[bytes, bytes]:
+    """A certificate every peer accepts; returns (cert PEM, key PEM).
+
+    Leaf (default): CA:FALSE, EKU serverAuth and/or clientAuth (``usage`` server, client or both),
+    SANs (``name`` when it looks like a host name, plus ``sans``). Self-signed, or signed by
+    ``issuer`` = (CA certificate, CA key). ``ca=True`` makes a private CA (CA:TRUE, pathlen 0).
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -1468,42 +1483,160 @@ def make_certificate(name: str, *, usage: str = "server", sans: tuple[str, ...] 
 
     key = rsa_mod.generate_private_key(65537, 3072) if rsa else ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_cert, issuer_key = issuer if issuer else (None, key)
     now = datetime.datetime.now(datetime.timezone.utc)
-    names: list[x509.GeneralName] = []
-    for san in (name, *sans) if usage == "server" else sans:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(san)))
-        except ValueError:
-            names.append(x509.DNSName(san))
-    eku = ExtendedKeyUsageOID.SERVER_AUTH if usage == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(issuer_cert.subject if issuer_cert is not None else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=rsa, content_commitment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=rsa and not ca,
+                                     content_commitment=False, data_encipherment=False, key_agreement=False,
+                                     key_cert_sign=ca, crl_sign=ca, encipher_only=False, decipher_only=False),
+                       critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    cert = builder.sign(key, hashes.SHA256())
+    if issuer_cert is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key()), critical=False)
+    if not ca:
+        ekus = {"server": [ExtendedKeyUsageOID.SERVER_AUTH], "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
+                "both": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]}[usage]
+        builder = builder.add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
+        names: list[x509.GeneralName] = []
+        hostlike = re.fullmatch(r"[A-Za-z0-9*]([A-Za-z0-9.\-]*[A-Za-z0-9])?", name) is not None
+        for san in dict.fromkeys(((name,) if hostlike and usage != "client" else ()) + tuple(sans)):
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(san)))
+            except ValueError:
+                names.append(x509.DNSName(san))
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(issuer_key, hashes.SHA256())
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def _pem_to_der(path: str) -> list[bytes]:
-    with open(path, "rb") as f:
-        data = f.read()
-    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.DOTALL)
-    return [ssl.PEM_cert_to_DER_cert(b.decode()) for b in blocks]
+def _write_pair(directory: str, name: str, cert_pem: bytes, key_pem: bytes, force: bool) -> tuple[str, str]:
+    """certs/NAME.pem and certs/NAME.key (0600); never overwrites without ``force``."""
+    if not re.fullmatch(r"[A-Za-z0-9@._\-]+", name) or name.startswith("."):
+        raise ConfigError("NAME", f"{name!r}: use letters, digits and . _ - @ only")
+    os.makedirs(directory, exist_ok=True)
+    cert_path, key_path = os.path.join(directory, f"{name}.pem"), os.path.join(directory, f"{name}.key")
+    for path in (cert_path, key_path):
+        if os.path.exists(path) and not force:
+            raise ConfigError("--force", f"{path} exists; not overwriting it (add --force to replace it)")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(key_path, flags, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(key_pem)
+    with open(cert_path, "wb") as f:
+        f.write(cert_pem)
+    return cert_path, key_path
+
+
+def _load_ca(spec: str) -> tuple:
+    """``--ca DIR_OR_FILE``: DIR/ca.pem + DIR/ca.key, or a PEM holding both, or FILE.pem beside FILE.key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    if os.path.isdir(spec):
+        cert_path, key_path = os.path.join(spec, "ca.pem"), os.path.join(spec, "ca.key")
+    else:
+        cert_path = spec
+        sibling = os.path.splitext(spec)[0] + ".key"
+        key_path = sibling if os.path.exists(sibling) else spec
+    try:
+        with open(cert_path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        with open(key_path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError("--ca", f"cannot load the CA certificate and key from {spec!r} ({e}); "
+                                  "run 'certproxy ca init' first") from None
+    return cert, key
+
+
+def _paste_lines(name: str, cert_path: str, der: bytes, *, ca_path: str | None = None) -> str:
+    fp = format_fingerprint(cert_fingerprint(der))
+    spki = format_fingerprint(spki_fingerprint(der))
+    allow = f"--client-ca {ca_path} --allow-fingerprint {fp}" if ca_path else f"--allow {cert_path}"
+    return f"""\
+  certificate  {cert_path}
+  sha256       {fp}
+  spki sha256  {spki}
+
+  As a server certificate, on each laptop:
+    certproxy client ... --pin {fp}
+      (or --pin {spki} to keep the pin across renewals with the same key)
+  As a client certificate, on the mail server:
+    certproxy server ... {allow}
+    Postfix relay_clientcerts (smtpd_tls_fingerprint_digest = sha256):
+      {fp} {name}
+    Exim, in a list matched against ${{sha256:$tls_in_peercert}}:
+      {fp.replace(":", "")}
+"""
+
+
+def _cmd_gencert(args: argparse.Namespace) -> int:
+    issuer = _load_ca(args.ca) if args.ca else None
+    if args.days < 1:
+        raise ConfigError("--days", "must be at least 1")
+    cert_pem, key_pem = make_certificate(args.name, sans=tuple(args.san), days=args.days, rsa=args.rsa,
+                                         issuer=issuer)
+    cert_path, key_path = _write_pair(args.dir, args.name, cert_pem, key_pem, args.force)
+    der = _pem_to_der(cert_path)[0]
+    kind = "issued by " + issuer[0].subject.rfc4514_string() if issuer else "self-signed"
+    print(f"wrote {cert_path} and {key_path} (mode 0600), {kind}, valid {args.days} days\n")
+    ca_path = (os.path.join(args.ca, "ca.pem") if os.path.isdir(args.ca) else args.ca) if args.ca else None
+    print(_paste_lines(args.name, cert_path, der, ca_path=ca_path))
+    return 0
+
+
+def _cmd_ca(args: argparse.Namespace) -> int:
+    if args.ca_command == "init":
+        cert_pem, key_pem = make_certificate(args.name, ca=True, days=args.days, rsa=args.rsa)
+        cert_path, key_path = _write_pair(args.dir, "ca", cert_pem, key_pem, args.force)
+        print(f"wrote {cert_path} and {key_path} (mode 0600): a private CA valid {args.days} days\n"
+              f"  issue laptop certificates:  certproxy ca issue NAME --dir {args.dir}\n"
+              f"  on the mail server:         certproxy server ... --client-ca {cert_path}\n"
+              f"  keep {key_path} off the mail server.")
+        return 0
+    args.ca = args.dir
+    args.san = getattr(args, "san", [])
+    return _cmd_gencert(args)
+
+
+def certificate_summary(der: bytes) -> dict[str, str]:
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        sans = ", ".join(str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        sans = "-"
+    return {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(), "sans": sans,
+            "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "days_left": str((cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)).days)}
+
+
+def expiry_problem(der: bytes) -> str | None:
+    """A sentence when the certificate has expired or expires within EXPIRY_WARNING_DAYS, else None."""
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    if left.total_seconds() <= 0:
+        return f"EXPIRED on {cert.not_valid_after_utc:%Y-%m-%d}"
+    if left.days < EXPIRY_WARNING_DAYS:
+        return f"expires in {left.days} days ({cert.not_valid_after_utc:%Y-%m-%d})"
+    return None
 
 
 def _cmd_fingerprint(args: argparse.Namespace) -> int:
@@ -1511,16 +1644,23 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             ders = _pem_to_der(path)
-        except OSError as e:
-            print(f"certproxy: {path}: {e.strerror}", file=sys.stderr)
+        except (OSError, ValueError) as e:
+            print(f"certproxy: {path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
             status = 1
             continue
         if not ders:
             print(f"certproxy: {path}: no PEM certificate found", file=sys.stderr)
             status = 1
         for der in ders:
-            print(f"{path}\n  sha256 {format_fingerprint(cert_fingerprint(der))}\n"
-                  f"  spki   {format_fingerprint(spki_fingerprint(der))}")
+            info = certificate_summary(der)
+            problem = expiry_problem(der)
+            print(f"{path}\n"
+                  f"  sha256     {format_fingerprint(cert_fingerprint(der))}\n"
+                  f"  spki       {format_fingerprint(spki_fingerprint(der))}\n"
+                  f"  subject    {info['subject']}\n"
+                  f"  issuer     {info['issuer']}\n"
+                  f"  SANs       {info['sans']}\n"
+                  f"  not after  {info['not_after']}" + (f"  WARNING: {problem}" if problem else ""))
     return status
 
 
@@ -1711,10 +1851,37 @@ def _build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S, metavar="SECONDS", help="default %(default)s")
     sv.set_defaults(func=_cmd_server)
 
+    g = sub.add_parser("gencert", help="make a certificate and key, and print what to paste on the other side")
+    g.add_argument("name", metavar="NAME", help="common name; also the file name certs/NAME.pem + .key")
+    g.add_argument("--dir", default="certs", help="default %(default)s")
+    g.add_argument("--days", type=int, default=825, help="validity (default %(default)s)")
+    g.add_argument("--rsa", action="store_true", help="RSA 3072 instead of ECDSA P-256")
+    g.add_argument("--san", action="append", default=[], metavar="NAME", help="extra DNS name or IP address")
+    g.add_argument("--ca", metavar="DIR_OR_FILE", help="issue from this CA (see 'certproxy ca init') instead of self-signing")
+    g.add_argument("--force", action="store_true", help="overwrite existing files")
+    g.set_defaults(func=_cmd_gencert)
+
+    ca = sub.add_parser("ca", help="a private CA for many laptops")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="init|issue")
+    ci = ca_sub.add_parser("init", help="make certs/ca.pem + certs/ca.key")
+    ci.add_argument("--dir", default="certs", help="default %(default)s")
+    ci.add_argument("--name", default="certproxy private CA", help="CA common name")
+    ci.add_argument("--days", type=int, default=3650, help="validity (default %(default)s)")
+    ci.add_argument("--rsa", action="store_true", help="RSA 3072 instead of ECDSA P-256")
+    ci.add_argument("--force", action="store_true", help="overwrite existing files")
+    cs = ca_sub.add_parser("issue", help="issue certs/NAME.pem + .key from the CA in --dir")
+    cs.add_argument("name", metavar="NAME")
+    cs.add_argument("--dir", default="certs", help="default %(default)s")
+    cs.add_argument("--days", type=int, default=825, help="validity (default %(default)s)")
+    cs.add_argument("--rsa", action="store_true", help="RSA 3072 instead of ECDSA P-256")
+    cs.add_argument("--san", action="append", default=[], metavar="NAME", help="extra DNS name or IP address")
+    cs.add_argument("--force", action="store_true", help="overwrite existing files")
+    ca.set_defaults(func=_cmd_ca)
+
     d = sub.add_parser("demo", help="the whole chain on this machine, with throwaway certificates")
     d.set_defaults(func=_cmd_demo)
 
-    f = sub.add_parser("fingerprint", help="print the SHA-256 and SPKI fingerprints of certificates")
+    f = sub.add_parser("fingerprint", help="fingerprints, subject, issuer, SANs and expiry of certificates")
     f.add_argument("files", nargs="+", metavar="FILE")
     f.set_defaults(func=_cmd_fingerprint)
     return p

@@ -1029,7 +1029,8 @@ async def _open_upstream(cfg: ClientConfig, ctx: ssl.SSLContext, up: Upstream) -
     ep = up.endpoint
     pump = _Pump()
     try:
-        transport = await _tls_connect(cfg, ctx, up, pump)
+        transport = await _tls_connect(ctx, up, pump, sni=cfg.server_name or ep.host, ehlo=cfg.ehlo,
+                                       to=cfg.timeouts)
         facts = _verify_server(cfg, ep, transport)
         # TLS 1.3 finishes the client's handshake before the server has judged our certificate; a
         # refusal arrives as an alert afterwards. So wait for the server's first words inside TLS:
@@ -1060,17 +1061,17 @@ async def _open_upstream(cfg: ClientConfig, ctx: ssl.SSLContext, up: Upstream) -
         raise
 
 
-async def _tls_connect(cfg: ClientConfig, ctx: ssl.SSLContext, up: Upstream, pump: _Pump) -> asyncio.Transport:
+async def _tls_connect(ctx: ssl.SSLContext, up: Upstream, pump: _Pump, *, sni: str, ehlo: str,
+                       to: Timeouts) -> asyncio.Transport:
     """TCP connect; for STARTTLS the pre-TLS dialogue; the TLS handshake. ``pump`` gets the TLS transport."""
     loop = asyncio.get_running_loop()
-    ep, to = up.endpoint, cfg.timeouts
-    sni = cfg.server_name or ep.host
+    ep = up.endpoint
     if up.mode is TLSMode.IMPLICIT:
         async with asyncio.timeout(to.connect + to.handshake):
             transport, _ = await loop.create_connection(lambda: pump, ep.host, ep.port, ssl=ctx, server_hostname=sni,
                                                         ssl_handshake_timeout=to.handshake)
         return transport
-    dialogue = StartTLSClient(cfg.ehlo)
+    dialogue = StartTLSClient(ehlo)
     async with asyncio.timeout(to.connect):
         plain, proto = await loop.create_connection(lambda: _DialogueProtocol(dialogue), ep.host, ep.port)
     try:
@@ -1144,6 +1145,29 @@ class _Listener:
         self.sock: socket.socket | None = None
         self.active: set[asyncio.Task] = set()
         self._accepting: asyncio.Task | None = None
+        self._watching: asyncio.Task | None = None
+
+    def _certificate_files(self) -> list[tuple[str, str]]:
+        """(option, path) of every certificate file this service relies on, for the expiry watch."""
+        return []
+
+    async def _watch_expiry(self) -> None:
+        """At start-up and daily: a warning when a configured certificate expires within 30 days,
+        an error once it has."""
+        while True:
+            for option, path in self._certificate_files():
+                try:
+                    ders = _pem_to_der(path)
+                except (OSError, ValueError):
+                    continue
+                for der in ders:
+                    problem = expiry_problem(der)
+                    if problem:
+                        level = logging.ERROR if problem.startswith("EXPIRED") else logging.WARNING
+                        log.log(level, "certificate %s", _kv(service=self.service_name, option=option, file=path,
+                                                            subject=certificate_subject(der), problem=problem,
+                                                            action="renew it (certproxy gencert ... --force)"))
+            await asyncio.sleep(86400)
 
     @property
     def port(self) -> int:
@@ -1157,7 +1181,9 @@ class _Listener:
         except OSError as e:
             raise ConfigError("--listen", f"cannot listen on {ep}: {e.strerror or e}") from None
         self.sock.setblocking(False)
-        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+        loop = asyncio.get_running_loop()
+        self._accepting = loop.create_task(self._accept_loop())
+        self._watching = loop.create_task(self._watch_expiry())
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1188,9 +1214,10 @@ class _Listener:
         raise NotImplementedError
 
     async def stop(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-            await asyncio.gather(self._accepting, return_exceptions=True)
+        for task in (self._accepting, self._watching):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.sock is not None:
             self.sock.close()
         for task in list(self.active):
@@ -1217,6 +1244,9 @@ class ClientService(_Listener):
                          b"421 4.7.0 certproxy: too many connections, try again later\r\n")
         self.cfg = cfg
         self.ctx = client_context(cfg)
+
+    def _certificate_files(self) -> list[tuple[str, str]]:
+        return [("--cert", self.cfg.cert)] + ([("--ca", self.cfg.ca)] if self.cfg.ca else [])
 
     async def start(self) -> None:
         await self._listen()
@@ -1307,6 +1337,10 @@ class ServerService(_Listener):
         self.cfg = cfg
         self.hostname = hostname
         self.ctx, self.policy = server_context(cfg)
+
+    def _certificate_files(self) -> list[tuple[str, str]]:
+        files = [("--cert", self.cfg.cert)] + [("--allow", f) for f in _allow_files(self.cfg.allow)]
+        return files + ([("--client-ca", self.cfg.client_ca)] if self.cfg.client_ca else [])
 
     async def start(self) -> None:
         await self._listen()
@@ -1664,6 +1698,61 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     return status
 
 
+async def _probe(args: argparse.Namespace) -> int:
+    ep = Endpoint.parse(args.target, "HOST:PORT")
+    up = Upstream(endpoint=ep, mode=upstream_mode(ep, args.starttls, args.tls))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # probe shows what is there; deciding to trust it is the user's job
+    if args.cert:
+        _load_cert_chain(ctx, args.cert, args.key)
+    asked: list[bool] | None = []
+
+    def on_message(conn, direction, version, content_type, msg_type, data) -> None:
+        if direction == "read" and msg_type == getattr(ssl, "_TLSMessageType").CERTIFICATE_REQUEST:
+            asked.append(True)
+
+    try:
+        ctx._msg_callback = on_message  # the only way the stdlib shows a CertificateRequest
+    except AttributeError:
+        asked = None
+    pump = _Pump()
+    try:
+        transport = await _tls_connect(ctx, up, pump, sni=args.server_name or ep.host, ehlo=DEFAULT_EHLO,
+                                       to=Timeouts(connect=15, dialogue=15, handshake=15))
+    except SessionError as e:
+        print(f"certproxy: probe {ep}: {e.reason}", file=sys.stderr)
+        return 1
+    except (OSError, ssl.SSLError, TimeoutError, asyncio.TimeoutError) as e:
+        print(f"certproxy: probe {ep}: {_describe(e)}", file=sys.stderr)
+        return 1
+    sslobj = transport.get_extra_info("ssl_object")
+    der = sslobj.getpeercert(binary_form=True)
+    chain = getattr(sslobj, "get_unverified_chain", lambda: None)()  # Python 3.13+
+    ders = [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain] if chain else [der]
+    facts = tls_facts(transport)
+    requested = "unknown (needs Python's ssl message callback)" if asked is None else ("yes" if asked else "no")
+    transport.abort()
+    print(f"{ep} ({up.mode.value})\n  TLS        {facts['tls']} {facts['cipher']}\n"
+          f"  asked for a client certificate: {requested}\n  chain as sent by the server:")
+    for i, cert_der in enumerate(ders):
+        info = certificate_summary(cert_der)
+        problem = expiry_problem(cert_der)
+        print(f"   {i} subject  {info['subject']}\n     issuer   {info['issuer']}\n     SANs     {info['sans']}\n"
+              f"     expires  {info['not_after']}" + (f"  WARNING: {problem}" if problem else ""))
+    fp, spki = format_fingerprint(cert_fingerprint(der)), format_fingerprint(spki_fingerprint(der))
+    print(f"  server certificate\n    sha256  {fp}\n    spki    {spki}\n\n"
+          f"  Compare this with the server's own 'certproxy fingerprint' before trusting it, then:\n"
+          f"    --pin {fp}\n  or, to survive a renewal that keeps the key:\n    --pin {spki}")
+    return 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_probe(args))
+
+
 class _SinkMTA:
     """A minimal SMTP server that keeps each message in memory: the demo's stand-in for Postfix
     (and the tests' recording backend: every connection and every byte received is counted)."""
@@ -1877,6 +1966,16 @@ def _build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--san", action="append", default=[], metavar="NAME", help="extra DNS name or IP address")
     cs.add_argument("--force", action="store_true", help="overwrite existing files")
     ca.set_defaults(func=_cmd_ca)
+
+    pr = sub.add_parser("probe", help="show a server's certificate, TLS version and the --pin line to paste")
+    pr.add_argument("target", metavar="HOST:PORT")
+    pmode = pr.add_mutually_exclusive_group()
+    pmode.add_argument("--starttls", action="store_true", help="default unless port 465")
+    pmode.add_argument("--tls", action="store_true", help="implicit TLS (default on port 465)")
+    pr.add_argument("--cert", metavar="FILE", help="present this client certificate")
+    pr.add_argument("--key", metavar="FILE")
+    pr.add_argument("--server-name", metavar="NAME", help="SNI; default the host")
+    pr.set_defaults(func=_cmd_probe)
 
     d = sub.add_parser("demo", help="the whole chain on this machine, with throwaway certificates")
     d.set_defaults(func=_cmd_demo)

@@ -187,6 +187,15 @@ class Process:
             self.stop()
             raise RuntimeError(f"{e}\n{log.read_text(errors='replace')}") from None
 
+    def wait_log(self, text: str, timeout: float = 15) -> str:
+        """The log once it contains ``text`` (or as it is at the deadline)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            content = self.log.read_text(errors="replace")
+            if text in content or time.monotonic() > deadline:
+                return content
+            time.sleep(0.05)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -44,13 +44,13 @@ class TestClientAgainstPostfix:
                          "--key", str(certs.client.key), "--pin", certs.server.fp, port=port)
         try:
             r = swaks(port, body=f"relayed over {mode}")
+            log = proc.wait_log("session ")
         finally:
             proc.stop()
         assert r.returncode == 0, r.stdout + r.stderr
         assert "250 2.0.0 Ok: queued" in r.stdout
         [msg] = postfix.messages(1)
         assert f"relayed over {mode}".encode() in msg
-        log = (tmp_path / "client.log").read_text()
         assert "outcome=ok" in log and f"server_fp={certs.server.fp}" in log
 
     def test_without_certproxy_relay_is_denied(self, certs, postfix):
@@ -68,10 +68,10 @@ class TestClientAgainstPostfix:
                          "--key", str(certs.client.key), "--pin", certs.other_server.fp, port=port)
         try:
             r = swaks(port)
+            log = proc.wait_log("session ")
         finally:
             proc.stop()
         assert r.returncode != 0 and "421 4.7.0" in r.stdout
-        log = (tmp_path / "client.log").read_text()
         assert f"--pin {certs.server.fp}" in log  # the fingerprint actually seen, ready to paste
         assert postfix.messages(1, timeout=1) == []
 
@@ -103,6 +103,7 @@ class TestServerWithRealClients:
             stranger = swaks(port, flag, "--tls-cert", str(certs.other_client.cert),
                              "--tls-key", str(certs.other_client.key), body="swaks with a stranger's certificate")
             plain = swaks(port, body="swaks in clear") if mode == "starttls" else None
+            log = proc.wait_log("no client certificate")
         finally:
             proc.stop()
         assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -112,7 +113,6 @@ class TestServerWithRealClients:
             assert plain.returncode != 0 and "530 5.7.0 Must issue a STARTTLS command first" in plain.stdout
         files = wait_files(out, 1)
         assert len(files) == 1 and b"swaks with a certificate" in files[0].read_bytes()
-        log = (tmp_path / "server.log").read_text()
         assert f"cert_fp={certs.client.fp}" in log and "no client certificate" in log
 
     def test_openssl_s_client_starttls(self, tmp_path, certs, sink):

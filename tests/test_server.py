@@ -190,7 +190,7 @@ class TestRefusals:
         assert "outcome=refused" in line and "--allow" in line
 
     async def test_client_ca_and_fingerprint_narrowing(self, certs, backend, server_service, tmp_path):
-        trustme = pytest.importorskip("trustme")
+        import trustme
         ca = trustme.CA()
         ca_file = tmp_path / "ca.pem"
         ca.cert_pem.write_to_path(ca_file)

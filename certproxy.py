@@ -74,6 +74,8 @@ CLOSE_LINGER_S = 30.0  # after a half-close that TLS cannot forward, wait this l
 GOODBYE_LINGER_S = 2.0  # after our last reply, read and discard this long so a reset cannot eat the reply
 MAX_CONNECTIONS = 100  # concurrent sessions per client listener
 MAX_SERVER_CONNECTIONS = 1000  # concurrent sessions per server listener
+MAX_PER_IP = 50  # concurrent sessions from one client address on a server listener (0: no limit)
+GRACE_S = 30.0  # on SIGTERM, how long live sessions may take to finish before they are cut
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4: command line, CRLF included
 MAX_DIALOGUE_ERRORS = 10  # bad commands before TLS before we hang up (Postfix smtpd_hard_error_limit is 20)
 MAX_DIALOGUE_COMMANDS = 50  # commands before TLS before we hang up
@@ -224,9 +226,15 @@ class Timeouts:
     handshake: float = HANDSHAKE_TIMEOUT_S
     idle: float = IDLE_TIMEOUT_S
 
+    def check(self) -> None:
+        for name in ("connect", "dialogue", "handshake", "idle"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name}-timeout", "must be a positive number of seconds")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientConfig:
+    name: str = "client"
     listen: Endpoint
     upstreams: tuple[Upstream, ...]
     cert: str
@@ -254,12 +262,12 @@ class ClientConfig:
             raise ConfigError("--ehlo", f"{self.ehlo!r} is not a valid EHLO name")
         if self.max_connections < 1:
             raise ConfigError("--max-connections", "must be at least 1")
-        if self.timeouts.idle <= 0:
-            raise ConfigError("--idle-timeout", "must be positive")
+        self.timeouts.check()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
+    name: str = "server"
     listen: Endpoint
     backend: Endpoint
     mode: TLSMode
@@ -270,6 +278,7 @@ class ServerConfig:
     allow_fingerprints: Pins = Pins(frozenset())
     hostname: str = ""
     max_connections: int = MAX_SERVER_CONNECTIONS
+    max_per_ip: int = MAX_PER_IP
     timeouts: Timeouts = Timeouts()
 
     def __post_init__(self) -> None:
@@ -282,6 +291,9 @@ class ServerConfig:
             raise ConfigError("--hostname", f"{self.hostname!r} is not a valid host name")
         if self.max_connections < 1:
             raise ConfigError("--max-connections", "must be at least 1")
+        if self.max_per_ip < 0:
+            raise ConfigError("--max-per-ip", "must be 0 (no limit) or more")
+        self.timeouts.check()
 
 
 def upstream_mode(endpoint: Endpoint, starttls: bool, tls: bool) -> TLSMode:
@@ -1131,16 +1143,40 @@ def _kv(**facts: object) -> str:
     return " ".join(out)
 
 
+def _log_event(level: int, event: str, **facts: object) -> None:
+    """One line, ``event key=value ...``; the facts also ride along for the JSON formatter."""
+    facts = {k: v for k, v in facts.items() if v is not None and v != ""}
+    log.log(level, "%s %s", event, _kv(**facts), extra={"event": event, "facts": facts})
+
+
+class _JsonFormatter(logging.Formatter):
+    """``--log-format json``: one JSON object per line, the same keys as the text lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(),
+               "level": record.levelname.lower()}
+        if hasattr(record, "event"):
+            out["event"] = record.event
+            out.update({k: v if isinstance(v, (int, float, bool)) else str(v) for k, v in record.facts.items()})
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
 class _Listener:
     """What both services share: a listening socket, an accept loop with a connection limit, and
     the live session tasks. Sockets are accepted raw, so each session decides how its transport
     starts (plain, or implicit TLS whose handshake errors it catches and logs itself)."""
 
-    service_name = "?"
-
     def __init__(self, listen: Endpoint, max_connections: int, busy_reply: bytes | None) -> None:
         self.listen = listen
         self.max_connections = max_connections
+        self.max_per_ip = 0
+        self.per_ip: dict[str, int] = {}
         self.busy_reply = busy_reply
         self.sock: socket.socket | None = None
         self.active: set[asyncio.Task] = set()
@@ -1164,14 +1200,23 @@ class _Listener:
                     problem = expiry_problem(der)
                     if problem:
                         level = logging.ERROR if problem.startswith("EXPIRED") else logging.WARNING
-                        log.log(level, "certificate %s", _kv(service=self.service_name, option=option, file=path,
-                                                            subject=certificate_subject(der), problem=problem,
-                                                            action="renew it (certproxy gencert ... --force)"))
+                        _log_event(level, "certificate", service=self.service_name, option=option, file=path,
+                                   subject=certificate_subject(der), problem=problem,
+                                   action="renew it (certproxy gencert ... --force)")
             await asyncio.sleep(86400)
 
     @property
     def port(self) -> int:
         return self.sock.getsockname()[1]
+
+    @property
+    def service_name(self) -> str:
+        return self.cfg.name
+
+    def replace(self, new: _Listener) -> None:
+        """Take over ``new``'s settings (a reload): later connections use them; live ones keep theirs."""
+        self.__dict__.update({k: v for k, v in new.__dict__.items()
+                              if k not in ("sock", "active", "per_ip", "_accepting", "_watching")})
 
     async def _listen(self) -> None:
         ep = self.listen
@@ -1195,31 +1240,48 @@ class _Listener:
                 await asyncio.sleep(0.5)
                 continue
             sock.setblocking(False)
-            peer = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+            ip = addr[0]
+            peer = f"[{ip}]:{addr[1]}" if ":" in ip else f"{ip}:{addr[1]}"
             if len(self.active) >= self.max_connections:
+                why = f"connection limit ({self.max_connections}) reached; raise --max-connections if this is normal load"
+            elif self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
+                why = f"per-address limit ({self.max_per_ip}) reached for {ip}; raise --max-per-ip if this is normal"
+            else:
+                why = ""
+            if why:
                 try:
                     if self.busy_reply:
                         sock.send(self.busy_reply)
                 except OSError:
                     pass
                 sock.close()
-                log.warning("refused %s", _kv(service=self.service_name, peer=peer,
-                                              reason=f"connection limit ({self.max_connections}) reached"))
+                _log_event(logging.WARNING, "refused", service=self.service_name, peer=peer, outcome="busy",
+                           reason=why)
                 continue
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
             task = loop.create_task(self._session(sock, peer))
             self.active.add(task)
-            task.add_done_callback(self.active.discard)
+            task.add_done_callback(lambda t, ip=ip: self._done(t, ip))
+
+    def _done(self, task: asyncio.Task, ip: str) -> None:
+        self.active.discard(task)
+        left = self.per_ip.pop(ip, 1) - 1
+        if left > 0:
+            self.per_ip[ip] = left
 
     async def _session(self, sock: socket.socket, peer: str) -> None:
         raise NotImplementedError
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0) -> None:
+        """Stop accepting; give live sessions ``grace`` seconds to finish; then cut the rest."""
         for task in (self._accepting, self._watching):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         if self.sock is not None:
             self.sock.close()
+        if grace > 0 and self.active:
+            await asyncio.wait(list(self.active), timeout=grace)
         for task in list(self.active):
             task.cancel()
         if self.active:
@@ -1237,8 +1299,6 @@ async def _adopt(sock: socket.socket) -> _Pump:
 class ClientService(_Listener):
     """Listens for plain SMTP clients and carries each session to a pinned upstream over TLS."""
 
-    service_name = "client"
-
     def __init__(self, cfg: ClientConfig) -> None:
         super().__init__(cfg.listen, cfg.max_connections,
                          b"421 4.7.0 certproxy: too many connections, try again later\r\n")
@@ -1251,7 +1311,8 @@ class ClientService(_Listener):
     async def start(self) -> None:
         await self._listen()
         ups = ", ".join(f"{u.endpoint} ({u.mode.value})" for u in self.cfg.upstreams)
-        log.info("listening service=client listen=%s:%d upstreams=%r", self.listen.host, self.port, ups)
+        _log_event(logging.INFO, "listening", service=self.service_name, role="client",
+                   listen=f"{self.listen.host}:{self.port}", upstreams=ups)
 
     async def _session(self, sock: socket.socket, peer: str) -> None:
         sid = next(_session_ids)
@@ -1297,10 +1358,10 @@ class ClientService(_Listener):
                 local.transport.write(b"421 4.3.0 certproxy internal error\r\n")
                 local.transport.close()
         finally:
-            line = _kv(id=sid, service="client", peer=peer, **facts,
-                       bytes_up=local.nbytes, bytes_down=upstream.pump.nbytes if upstream else 0,
-                       duration=f"{time.monotonic() - t0:.3f}", outcome=outcome, reason=reason)
-            (log.info if outcome == "ok" else log.warning)("session %s", line)
+            _log_event(logging.INFO if outcome == "ok" else logging.WARNING, "session", id=sid,
+                       service=self.service_name, peer=peer, **facts, bytes_up=local.nbytes,
+                       bytes_down=upstream.pump.nbytes if upstream else 0,
+                       duration=round(time.monotonic() - t0, 3), outcome=outcome, reason=reason)
 
     async def _connect_any(self) -> tuple[_Upstream | None, list[tuple[SessionError, str]]]:
         failures: list[tuple[SessionError, str]] = []
@@ -1327,8 +1388,6 @@ class ServerService(_Listener):
     greeting → splice. Each phase has its own deadline; the session ends in one log line.
     """
 
-    service_name = "server"
-
     def __init__(self, cfg: ServerConfig) -> None:
         hostname = cfg.hostname or socket.getfqdn() or "localhost"
         # Before TLS we can say we are busy; on an implicit-TLS port only a close is possible.
@@ -1336,6 +1395,7 @@ class ServerService(_Listener):
         super().__init__(cfg.listen, cfg.max_connections, busy if cfg.mode is TLSMode.STARTTLS else None)
         self.cfg = cfg
         self.hostname = hostname
+        self.max_per_ip = cfg.max_per_ip
         self.ctx, self.policy = server_context(cfg)
 
     def _certificate_files(self) -> list[tuple[str, str]]:
@@ -1344,8 +1404,8 @@ class ServerService(_Listener):
 
     async def start(self) -> None:
         await self._listen()
-        log.info("listening service=server listen=%s:%d mode=%s backend=%s", self.listen.host, self.port,
-                 self.cfg.mode.value, self.cfg.backend)
+        _log_event(logging.INFO, "listening", service=self.service_name, role="server",
+                   listen=f"{self.listen.host}:{self.port}", mode=self.cfg.mode.value, backend=str(self.cfg.backend))
 
     async def _session(self, sock: socket.socket, peer: str) -> None:
         sid = next(_session_ids)
@@ -1397,10 +1457,10 @@ class ServerService(_Listener):
             if tls_pump.transport is not None:
                 tls_pump.transport.abort()
         finally:
-            line = _kv(id=sid, service="server", **facts, bytes_in=tls_pump.nbytes,
+            _log_event(logging.INFO if outcome == "ok" else logging.WARNING, "session", id=sid,
+                       service=self.service_name, **facts, bytes_in=tls_pump.nbytes,
                        bytes_out=backend.nbytes if backend else 0,
-                       duration=f"{time.monotonic() - t0:.3f}", outcome=outcome, reason=reason)
-            (log.info if outcome == "ok" else log.warning)("session %s", line)
+                       duration=round(time.monotonic() - t0, 3), outcome=outcome, reason=reason)
 
     async def _converse(self, pump: _Pump, gate: SMTPGate, deadline: float) -> bool:
         """Run ``gate`` until STARTTLS (True) or the end of the conversation (False)."""

@@ -838,8 +838,10 @@ class _Pump(asyncio.Protocol):
                 splice.close()  # both have said all they will: done
             elif peer.transport.can_write_eof():
                 peer.transport.write_eof()
-            elif self is splice.b:
-                splice.close()  # the server side is done talking, and TLS cannot pass on a half-close
+            elif self is splice.b or self.nbytes == 0:
+                # The server side is done talking, or a client that never said anything left: TLS
+                # cannot pass on a half-close, and nobody is owed an answer.
+                splice.close()
             else:
                 splice.linger()  # the client is done talking; the server may still answer
         # Keep a plain side open: the other direction may still have bytes for it. (asyncio's TLS
@@ -1959,6 +1961,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="certproxy", description="SMTP-aware mutual-TLS proxy with certificate pinning.")
     p.add_argument("--version", action="version", version=f"certproxy {__version__}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("client", help="laptop side: plain SMTP in, pinned mutual TLS out")
@@ -1978,7 +1981,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-remote-clients", action="store_true",
                    help="allow --listen on a non-loopback address (anyone reaching it can use your certificate)")
     c.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N", help="default %(default)s")
-    c.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S, metavar="SECONDS", help="default %(default)s")
+    _add_service_options(c)
     c.set_defaults(func=_cmd_client)
 
     sv = sub.add_parser("server", help="mail-server side: mutual TLS in, plain SMTP to the local MTA")
@@ -1997,8 +2000,19 @@ def _build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--hostname", default="", metavar="NAME", help="greeting / EHLO name; default the FQDN")
     sv.add_argument("--max-connections", type=int, default=MAX_SERVER_CONNECTIONS, metavar="N",
                     help="default %(default)s")
-    sv.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S, metavar="SECONDS", help="default %(default)s")
+    sv.add_argument("--max-per-ip", type=int, default=MAX_PER_IP, metavar="N",
+                    help="concurrent sessions from one address (default %(default)s, 0: no limit)")
+    _add_service_options(sv)
     sv.set_defaults(func=_cmd_server)
+
+    r = sub.add_parser("run", help="run every service in a TOML config file (SIGHUP reloads it)")
+    r.add_argument("config", metavar="CONFIG.toml")
+    r.add_argument("--grace", type=float, default=GRACE_S, metavar="SECONDS",
+                   help="on SIGTERM, let live sessions finish this long (default %(default)s)")
+    r.set_defaults(func=_cmd_run)
+    k = sub.add_parser("check", help="validate a TOML config file without starting anything")
+    k.add_argument("config", metavar="CONFIG.toml")
+    k.set_defaults(func=_cmd_check)
 
     g = sub.add_parser("gencert", help="make a certificate and key, and print what to paste on the other side")
     g.add_argument("name", metavar="NAME", help="common name; also the file name certs/NAME.pem + .key")
@@ -2046,6 +2060,24 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_service_options(p: argparse.ArgumentParser) -> None:
+    """Options client and server share (also the keys of a config-file table)."""
+    for name, default, what in (("connect", CONNECT_TIMEOUT_S, "TCP connect, per address"),
+                                ("dialogue", DIALOGUE_TIMEOUT_S, "whole SMTP dialogue before TLS"),
+                                ("handshake", HANDSHAKE_TIMEOUT_S, "TLS handshake"),
+                                ("idle", IDLE_TIMEOUT_S, "a spliced session with no traffic")):
+        p.add_argument(f"--{name}-timeout", type=float, default=default, metavar="SECONDS",
+                       help=f"{what} (default %(default)s)")
+    p.add_argument("--grace", type=float, default=GRACE_S, metavar="SECONDS",
+                   help="on SIGTERM, let live sessions finish this long (default %(default)s)")
+    p.add_argument("--name", metavar="NAME", help="service name in the logs (default: client / server)")
+
+
+def _timeouts(args: argparse.Namespace) -> Timeouts:
+    return Timeouts(connect=args.connect_timeout, dialogue=args.dialogue_timeout,
+                    handshake=args.handshake_timeout, idle=args.idle_timeout)
+
+
 def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
     upstreams = []
     for text in args.upstream:
@@ -2054,6 +2086,7 @@ def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
             raise ConfigError("--upstream", f"{text!r}: port 0 is not a server port")
         upstreams.append(Upstream(endpoint=ep, mode=upstream_mode(ep, args.starttls, args.tls)))
     return ClientConfig(
+        name=args.name or "client",
         listen=Endpoint.parse(args.listen, "--listen"),
         upstreams=tuple(upstreams),
         cert=args.cert,
@@ -2064,7 +2097,7 @@ def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
         ehlo=args.ehlo,
         allow_remote_clients=args.allow_remote_clients,
         max_connections=args.max_connections,
-        timeouts=Timeouts(idle=args.idle_timeout),
+        timeouts=_timeouts(args),
     )
 
 
@@ -2072,6 +2105,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     mode = TLSMode.IMPLICIT if args.tls else TLSMode.STARTTLS
     listen = args.listen or ("0.0.0.0:465" if mode is TLSMode.IMPLICIT else "0.0.0.0:587")
     return ServerConfig(
+        name=args.name or "server",
         listen=Endpoint.parse(listen, "--listen"),
         backend=Endpoint.parse(args.backend, "--backend"),
         mode=mode,
@@ -2082,22 +2116,148 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow_fingerprints=Pins.parse(args.allow_fingerprint, "--allow-fingerprint"),
         hostname=args.hostname,
         max_connections=args.max_connections,
-        timeouts=Timeouts(idle=args.idle_timeout),
+        max_per_ip=args.max_per_ip,
+        timeouts=_timeouts(args),
     )
 
 
-async def _serve(service: _Listener) -> None:
-    await service.start()
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+class _ConfigFileError(ConfigError):
+    pass
+
+
+def _table_to_argv(table: dict) -> list[str]:
+    argv: list[str] = []
+    for key, value in table.items():
+        flag = "--" + str(key).replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if v is True:
+                argv.append(flag)
+            elif v is False:
+                continue
+            elif isinstance(v, (dict, list)):
+                raise ConfigError(flag, "expected a string, number, boolean or a list of them")
+            else:
+                argv += [flag, str(v)]
+    return argv
+
+
+def _raise_usage(where: str):
+    def error(message: str):
+        m = re.search(r"argument (--[\w-]+)", message)
+        option = m.group(1) if m else "option"
+        message = re.sub(r"^argument [^:]+: ", "", message)
+        message = message.replace("unrecognized arguments: ", "unknown option(s): ")
+        raise _ConfigFileError(f"{where} {option}", message)
+    return error
+
+
+def load_config(path: str) -> dict[str, _Listener]:
+    """Services from a TOML file: one table per service, ``[client.NAME]`` or ``[server.NAME]``, whose
+    keys are the command-line options without dashes (``pin = ["..."]``, ``allow-remote-clients = true``).
+    Every error names the file, the service and the option."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(path, f"cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, f"not valid TOML: {e}") from None
+    unknown = set(doc) - {"client", "server"}
+    if unknown:
+        raise ConfigError(path, f"unknown table(s) {', '.join(sorted(unknown))}: use [client.NAME] or [server.NAME]")
+    parser = _build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    services: dict[str, _Listener] = {}
+    for kind in ("client", "server"):
+        for name, table in doc.get(kind, {}).items():
+            where = f"{path} [{kind}.{name}]"
+            if not isinstance(table, dict):
+                raise ConfigError(where, "must be a table")
+            if name in services:
+                raise ConfigError(where, "a service of this name is defined twice")
+            sub = subparsers[kind]
+            sub.error = _raise_usage(where)
+            try:
+                args = sub.parse_args(_table_to_argv(table))
+                args.name = name
+                cfg = client_config_from_args(args) if kind == "client" else server_config_from_args(args)
+                services[name] = ClientService(cfg) if kind == "client" else ServerService(cfg)
+            except _ConfigFileError:
+                raise
+            except ConfigError as e:
+                raise ConfigError(f"{where} {e.option}", str(e).split(": ", 1)[1]) from None
+    if not services:
+        raise ConfigError(path, "defines no service: add a [client.NAME] or [server.NAME] table")
+    return services
+
+
+def check_services(services: dict[str, _Listener]) -> list[str]:
+    """What ``check`` adds to loading: expired certificates and listen addresses already in use."""
+    problems = []
+    for name, svc in services.items():
+        for option, path in svc._certificate_files():
+            for der in _pem_to_der(path):
+                problem = expiry_problem(der)
+                if problem and problem.startswith("EXPIRED"):
+                    problems.append(f"[{name}] {option}: {path} {problem}")
+        ep = svc.listen
         try:
+            family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+            socket.create_server((ep.host, ep.port), family=family).close()
+        except OSError as e:
+            problems.append(f"[{name}] --listen: cannot listen on {ep}: {e.strerror or e}")
+    return problems
+
+
+class _Supervisor:
+    """Runs services; SIGHUP reloads them from ``loader`` (a broken new configuration is refused and
+    the running one kept); SIGTERM/SIGINT stop accepting and let live sessions finish within ``grace``."""
+
+    def __init__(self, loader, grace: float) -> None:
+        self.loader = loader
+        self.grace = grace
+        self.services: dict[str, _Listener] = {}
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.services = self.loader()
+        for svc in self.services.values():
+            await svc.start()
+        stop = loop.create_future()
+        for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-        except (NotImplementedError, RuntimeError):
-            pass
-    await stop
-    log.info("stopping")
-    await service.stop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        await stop
+        active = sum(len(s.active) for s in self.services.values())
+        _log_event(logging.INFO, "stopping", sessions=active, grace=self.grace)
+        await asyncio.gather(*(s.stop(self.grace) for s in self.services.values()))
+        _log_event(logging.INFO, "stopped")
+
+    async def reload(self) -> None:
+        try:
+            new = self.loader()
+        except ConfigError as e:
+            _log_event(logging.ERROR, "reload", outcome="refused", reason=str(e),
+                       action="fix the configuration and send SIGHUP again; the running one is kept")
+            return
+        for name, svc in new.items():
+            old = self.services.get(name)
+            if old is not None and type(old) is type(svc) and old.listen == svc.listen:
+                old.replace(svc)
+                continue
+            try:
+                await svc.start()
+            except ConfigError as e:
+                _log_event(logging.ERROR, "reload", service=name, outcome="failed", reason=str(e))
+                continue
+            if old is not None:
+                await old.stop(self.grace)
+            self.services[name] = svc
+        for name in set(self.services) - set(new):
+            await self.services.pop(name).stop(self.grace)
+        _log_event(logging.INFO, "reload", outcome="ok", services=",".join(sorted(self.services)))
 
 
 def _loop_factory():
@@ -2108,24 +2268,44 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
-def _run_service(service: _Listener) -> int:
+def _supervise(loader, grace: float) -> int:
+    services = loader()  # configuration errors surface here, before anything listens
+    first = [services]
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_serve(service))
+        runner.run(_Supervisor(lambda: first.pop() if first else loader(), grace).run())
     return 0
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    return _run_service(ClientService(client_config_from_args(args)))
+    return _supervise(lambda: {"client": ClientService(client_config_from_args(args))}, args.grace)
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    return _run_service(ServerService(server_config_from_args(args)))
+    return _supervise(lambda: {"server": ServerService(server_config_from_args(args))}, args.grace)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return _supervise(lambda: load_config(args.config), args.grace)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    services = load_config(args.config)
+    problems = check_services(services)
+    for problem in problems:
+        print(f"certproxy: error: {args.config} {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    for name, svc in services.items():
+        print(f"ok  [{name}] {type(svc).__name__.replace('Service', '').lower()} listen={svc.listen}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s certproxy %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if args.log_format == "json" else
+                         logging.Formatter("%(asctime)s certproxy %(levelname)s %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
         return args.func(args)
     except ConfigError as e:

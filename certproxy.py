@@ -874,6 +874,13 @@ async def _pull(pump: _Pump) -> bytes:
     return data
 
 
+def _close_all(*pumps: _Pump | None) -> None:
+    """Whatever a session ends with, none of its transports outlives it."""
+    for p in pumps:
+        if p is not None and p.transport is not None and not p.lost and not p.transport.is_closing():
+            p.transport.close()
+
+
 async def _goodbye(pump: _Pump, reply: str | bytes) -> None:
     """Send a last reply and close without losing it: half-close, then discard what the peer still
     sends for a moment (closing with unread input makes the kernel send a reset, which can destroy
@@ -1360,6 +1367,7 @@ class ClientService(_Listener):
                 local.transport.write(b"421 4.3.0 certproxy internal error\r\n")
                 local.transport.close()
         finally:
+            _close_all(local, upstream.pump if upstream else None)
             _log_event(logging.INFO if outcome == "ok" else logging.WARNING, "session", id=sid,
                        service=self.service_name, peer=peer, **facts, bytes_up=local.nbytes,
                        bytes_down=upstream.pump.nbytes if upstream else 0,
@@ -1459,6 +1467,7 @@ class ServerService(_Listener):
             if tls_pump.transport is not None:
                 tls_pump.transport.abort()
         finally:
+            _close_all(tls_pump, backend)
             _log_event(logging.INFO if outcome == "ok" else logging.WARNING, "session", id=sid,
                        service=self.service_name, **facts, bytes_in=tls_pump.nbytes,
                        bytes_out=backend.nbytes if backend else 0,

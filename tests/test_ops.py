@@ -1,0 +1,256 @@
+"""Running for years: config files, check, reload (SIGHUP), drain (SIGTERM), limits, JSON logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import certproxy
+from conftest import read_reply
+from realpeers import Process, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "certproxy.py"), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def server_table(certs, port: int, backend: int, name: str = "smtps", **extra) -> str:
+    lines = [f"[server.{name}]", "tls = true", f'listen = "127.0.0.1:{port}"', f'backend = "127.0.0.1:{backend}"',
+             f'cert = "{certs.server.cert}"', f'key = "{certs.server.key}"', f'allow = ["{certs.client.cert}"]',
+             'hostname = "mx.certproxy.test"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+class TestConfigErrors:
+    @pytest.mark.parametrize("body, expected", [
+        ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"{client}\"\n", "[client.laptop] --pin: give --pin"),
+        ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"{client}\"\npin = [\"zz\"]\n",
+         "[client.laptop] --pin: 'zz' is not a SHA-256 fingerprint"),
+        ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"{client}\"\npin = [\"{fp}\"]\nfrobnicate = 1\n",
+         "[client.laptop] option: unknown option(s): --frobnicate 1"),
+        ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"/nonexistent.pem\"\npin = [\"{fp}\"]\n",
+         "[client.laptop] --cert: cannot read '/nonexistent.pem'"),
+        ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"{client}\"\nkey = \"{other_key}\"\npin = [\"{fp}\"]\n",
+         "[client.laptop] --key: cannot load the certificate"),
+        ("[server.mx]\ntls = true\nbackend = \"127.0.0.1:25\"\ncert = \"{server}\"\n",
+         "[server.mx] --allow: give --allow"),
+        ("[server.mx]\nbackend = \"127.0.0.1:25\"\ncert = \"{server}\"\nallow = [\"{client}\"]\n",
+         "[server.mx] option: one of the arguments --tls --starttls is required"),
+        ("[server.mx]\ntls = true\ncert = \"{server}\"\nallow = [\"{client}\"]\n",
+         "[server.mx] option: the following arguments are required: --backend"),
+        ("[server.mx]\ntls = true\nbackend = \"127.0.0.1:25\"\ncert = \"{server}\"\nallow = [\"{client}\"]\n"
+         "idle-timeout = -1\n", "[server.mx] --idle-timeout: must be a positive number"),
+        ("[relay.x]\n", "unknown table(s) relay"),
+        ("this is not toml", "not valid TOML"),
+        ("", "defines no service"),
+    ])
+    def test_check_names_file_service_and_option(self, tmp_path, certs, body, expected):
+        conf = tmp_path / "certproxy.toml"
+        conf.write_text(body.format(client=certs.client.cert, server=certs.server.cert, fp=certs.server.fp,
+                                    other_key=certs.other_client.key))
+        r = cli("check", str(conf))
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f"certproxy: error: {conf}" in r.stderr and expected in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+    def test_port_in_use(self, tmp_path, certs):
+        busy = socket.create_server(("127.0.0.1", 0))
+        conf = tmp_path / "c.toml"
+        conf.write_text(server_table(certs, busy.getsockname()[1], 25, name="mx"))
+        r = cli("check", str(conf))
+        busy.close()
+        assert r.returncode == 2 and "[mx] --listen: cannot listen on" in r.stderr, r.stderr
+
+    def test_expired_certificate(self, tmp_path, certs):
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(1).not_valid_before(now - datetime.timedelta(days=30))
+                .not_valid_after(now - datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+        (tmp_path / "old.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / "old.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+        conf = tmp_path / "c.toml"
+        conf.write_text(server_table(certs, free_port(), 25, name="mx").replace(str(certs.server.cert), str(tmp_path / "old.pem"))
+                        .replace(str(certs.server.key), str(tmp_path / "old.key")))
+        r = cli("check", str(conf))
+        assert r.returncode == 2 and f"[mx] --cert: {tmp_path / 'old.pem'} EXPIRED on" in r.stderr, r.stderr
+
+    def test_good_config(self, tmp_path, certs):
+        conf = tmp_path / "c.toml"
+        conf.write_text(server_table(certs, free_port(), 25) + f"""
+[client.laptop]
+upstream = ["127.0.0.1:465"]
+listen = "127.0.0.1:{free_port()}"
+cert = "{certs.client.cert}"
+key = "{certs.client.key}"
+pin = ["{certs.server.fp}"]
+""")
+        r = cli("check", str(conf))
+        assert r.returncode == 0, r.stderr
+        assert "ok  [smtps] server" in r.stdout and "ok  [laptop] client" in r.stdout
+
+
+def tls_greeting(port: int, certs, pair) -> bytes:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.load_cert_chain(pair.cert, pair.key)
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost") as s:
+        s.sendall(b"MAIL FROM:<a@b>\r\n")  # the cert-less / unknown answer comes to a command
+        data = s.recv(4096)
+        try:
+            data += s.recv(4096)
+        except (TimeoutError, OSError):
+            pass
+        return data
+
+
+@pytest.fixture
+def sink_mta():
+    """certproxy's own sink MTA in a thread-free subprocess-friendly form: an asyncio server in a thread."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    sink = certproxy._SinkMTA("backend.test")
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    asyncio.run_coroutine_threadsafe(sink.start(), loop).result(10)
+    yield sink
+    asyncio.run_coroutine_threadsafe(sink.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    t.join(10)
+    loop.close()
+
+
+class TestReloadAndDrain:
+    def test_reload_keeps_sessions_and_applies_new_allowlist(self, tmp_path, certs, sink_mta):
+        port = free_port()
+        conf = tmp_path / "c.toml"
+        conf.write_text(server_table(certs, port, sink_mta.port))
+        proc = Process([sys.executable, str(ROOT / "certproxy.py"), "run", str(conf)], port, tmp_path / "run.log")
+        try:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            ctx.load_cert_chain(certs.client.cert, certs.client.key)
+            live = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
+            assert live.recv(1024).startswith(b"220 backend.test")
+            # 1. a broken configuration is refused, the running one kept
+            conf.write_text("[server.smtps]\ntls = true\n")
+            proc.proc.send_signal(signal.SIGHUP)
+            assert "reload outcome=refused" in proc.wait_log("reload outcome=refused")
+            assert tls_greeting(port, certs, certs.client).startswith(b"220 backend.test")
+            # 2. the laptop leaves the allowlist: the next connection is refused, the live one goes on
+            conf.write_text(server_table(certs, port, sink_mta.port).replace(str(certs.client.cert),
+                                                                                str(certs.other_client.cert)))
+            proc.proc.send_signal(signal.SIGHUP)
+            assert "reload outcome=ok" in proc.wait_log("reload outcome=ok")
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                data = tls_greeting(port, certs, certs.client)
+                if not data:
+                    raise ConnectionError("closed")
+            assert tls_greeting(port, certs, certs.other_client).startswith(b"220 backend.test")
+            live.sendall(b"NOOP\r\n")
+            assert live.recv(1024).startswith(b"250")
+            live.sendall(b"QUIT\r\n")
+            assert live.recv(1024).startswith(b"221")
+            live.close()
+        finally:
+            proc.stop()
+
+    def test_sigterm_lets_live_sessions_finish(self, tmp_path, certs, sink_mta):
+        port = free_port()
+        conf = tmp_path / "c.toml"
+        conf.write_text(server_table(certs, port, sink_mta.port))
+        proc = Process([sys.executable, str(ROOT / "certproxy.py"), "run", str(conf), "--grace", "20"], port,
+                       tmp_path / "run.log")
+        try:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            ctx.load_cert_chain(certs.client.cert, certs.client.key)
+            live = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
+            assert live.recv(1024).startswith(b"220")
+            proc.proc.send_signal(signal.SIGTERM)
+            assert "stopping sessions=1" in proc.wait_log("stopping")
+            time.sleep(0.3)
+            with pytest.raises(OSError):  # no longer accepting
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            live.sendall(b"EHLO x\r\nMAIL FROM:<a@laptop.test>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+            got = b""
+            while b"354" not in got:
+                got += live.recv(4096)
+            live.sendall(b"Subject: drained\r\n\r\nfinished during shutdown\r\n.\r\nQUIT\r\n")
+            while b"221" not in got:
+                got += live.recv(4096)
+            live.close()
+            assert proc.proc.wait(15) == 0
+        finally:
+            proc.stop()
+        assert any(b"finished during shutdown" in m[2] for m in sink_mta.messages)
+        assert "outcome=ok" in (tmp_path / "run.log").read_text()
+
+
+class TestLimits:
+    async def test_connection_and_per_address_limits(self, certs):
+        sink = certproxy._SinkMTA()
+        await sink.start()
+        base = dict(listen=certproxy.Endpoint(host="127.0.0.1", port=0),
+                    backend=certproxy.Endpoint(host="127.0.0.1", port=sink.port), mode=certproxy.TLSMode.STARTTLS,
+                    cert=str(certs.server.cert), key=str(certs.server.key), allow=(str(certs.client.cert),),
+                    hostname="mx.certproxy.test")
+        try:
+            for limits in ({"max_connections": 2, "max_per_ip": 0}, {"max_connections": 100, "max_per_ip": 2}):
+                svc = certproxy.ServerService(certproxy.ServerConfig(**base, **limits))
+                await svc.start()
+                try:
+                    held = [await asyncio.open_connection("127.0.0.1", svc.port) for _ in range(2)]
+                    for r, _ in held:
+                        assert (await read_reply(r)).startswith(b"220 mx.certproxy.test")
+                    r3, w3 = await asyncio.open_connection("127.0.0.1", svc.port)
+                    assert (await read_reply(r3)) == b"421 4.7.0 mx.certproxy.test too busy, try again later\r\n"
+                    w3.close()
+                    for _, w in held:
+                        w.close()
+                finally:
+                    await svc.stop()
+        finally:
+            await sink.stop()
+
+
+class TestJsonLogs:
+    def test_json_session_lines(self, tmp_path, certs, sink_mta):
+        port = free_port()
+        proc = Process([sys.executable, str(ROOT / "certproxy.py"), "--log-format", "json", "server", "--tls",
+                        "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{sink_mta.port}",
+                        "--cert", str(certs.server.cert), "--key", str(certs.server.key),
+                        "--allow", str(certs.client.cert)], port, tmp_path / "run.log")
+        try:
+            tls_greeting(port, certs, certs.client)
+            proc.wait_log('"event": "session", "id": 2')
+        finally:
+            proc.stop()
+        events = [json.loads(line) for line in (tmp_path / "run.log").read_text().splitlines()]
+        sessions = [e for e in events if e.get("event") == "session" and e.get("cert_fp")]
+        assert sessions and sessions[-1]["cert_fp"] == certs.client.fp and sessions[-1]["service"] == "server"
+        assert isinstance(sessions[-1]["bytes_in"], int) and "time" in sessions[-1]

@@ -80,6 +80,7 @@ MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4: command line, CRLF included
 MAX_DIALOGUE_ERRORS = 10  # bad commands before TLS before we hang up (Postfix smtpd_hard_error_limit is 20)
 MAX_DIALOGUE_COMMANDS = 50  # commands before TLS before we hang up
 LISTEN_BACKLOG = 128
+DUAL_SNIFF_S = 0.25  # --tls --starttls: how long a silent client may take before it is greeted as SMTP
 
 # endregion
 # region Errors -----------------------------------------------------------------------------------
@@ -124,6 +125,7 @@ class PeerRejected(SessionError):
 class TLSMode(enum.Enum):
     STARTTLS = "starttls"
     IMPLICIT = "tls"
+    EITHER = "tls+starttls"  # server only: one port, TLS detected by the client's first byte
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,25 +194,48 @@ def spki_fingerprint(der: bytes) -> bytes:
     return hashlib.sha256(spki).digest()
 
 
+_NAME_RE = re.compile(r"[A-Za-z0-9._@+\-]{1,64}")
+
+
 @dataclass(frozen=True, slots=True)
 class Pins:
-    """SHA-256 digests of certificates or of their public keys (SPKI); any one matching is enough."""
+    """SHA-256 digests of certificates or of their public keys (SPKI); any one matching is enough.
+
+    An entry may carry a name, Postfix-table style (``FINGERPRINT name``): the identity certproxy
+    server hands the MTA with ``--xclient`` (``LOGIN=name``)."""
 
     digests: frozenset[bytes]
+    names: tuple[tuple[bytes, str], ...] = ()
 
     @classmethod
     def parse(cls, texts: list[str] | tuple[str, ...], option: str) -> Pins:
-        digests = set()
+        digests, names = set(), {}
         for text in texts:
             try:
                 digests.add(parse_fingerprint(text))
+                continue
             except ValueError as e:
-                raise ConfigError(option, str(e)) from None
-        return cls(frozenset(digests))
+                error = str(e)
+            fp, _, name = text.strip().rpartition(" ")
+            try:
+                digest = parse_fingerprint(fp)
+            except ValueError:
+                raise ConfigError(option, error + "; an optional name may follow it: 'FINGERPRINT name'") from None
+            if not _NAME_RE.fullmatch(name):
+                raise ConfigError(option, f"{name!r} is not a usable name (1-64 of A-Z a-z 0-9 . _ @ + -)")
+            digests.add(digest)
+            names[digest] = name
+        return cls(frozenset(digests), tuple(names.items()))
 
     def match(self, der: bytes) -> bool:
         # One hash and a set lookup on the hot path; the SPKI is only computed for key pins.
         return cert_fingerprint(der) in self.digests or spki_fingerprint(der) in self.digests
+
+    def name_of(self, der: bytes) -> str | None:
+        if not self.names:
+            return None
+        names = dict(self.names)
+        return names.get(cert_fingerprint(der)) or names.get(spki_fingerprint(der))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -277,11 +302,29 @@ class ServerConfig:
     client_ca: str | None = None
     allow_fingerprints: Pins = Pins(frozenset())
     hostname: str = ""
+    client_cert: str = "required"  # required: no allowed certificate, no entry; optional: see untrusted_backend
+    untrusted_backend: Endpoint | None = None  # where clients without an allowed certificate go (optional)
+    xclient: bool = False  # tell the backend the client's address and certificate name (XCLIENT)
+    proxy_protocol: str | None = None  # "v1" / "v2": a PROXY header to the backend(s)
+    proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # load balancers sending PROXY
     max_connections: int = MAX_SERVER_CONNECTIONS
     max_per_ip: int = MAX_PER_IP
     timeouts: Timeouts = Timeouts()
 
     def __post_init__(self) -> None:
+        if self.client_cert not in ("required", "optional"):
+            raise ConfigError("--client-cert", f"{self.client_cert!r}: expected required or optional")
+        if self.client_cert == "optional" and self.untrusted_backend is None:
+            raise ConfigError("--untrusted-backend", "--client-cert optional needs --untrusted-backend HOST:PORT "
+                                                     "(where clients without an allowed certificate go; never the "
+                                                     "port your MTA trusts)")
+        if self.untrusted_backend is not None and self.client_cert != "optional":
+            raise ConfigError("--untrusted-backend", "is only used with --client-cert optional")
+        if self.untrusted_backend == self.backend:
+            raise ConfigError("--untrusted-backend", "must differ from --backend: the backend trusts whoever "
+                                                     "arrives on it")
+        if self.proxy_protocol not in (None, "v1", "v2"):
+            raise ConfigError("--proxy-protocol", f"{self.proxy_protocol!r}: expected v1 or v2")
         if not self.allow and not self.client_ca:
             raise ConfigError("--allow", "give --allow CERT (or DIR) and/or --client-ca FILE: "
                                          "refusing to let clients in without checking their certificates")
@@ -380,6 +423,18 @@ class ClientPolicy:
         if self.fingerprints.digests and not self.fingerprints.match(der):
             return False, "certificate fingerprint is not in --allow-fingerprint"
         return True, ""
+
+    def name(self, der: bytes) -> str:
+        """Who an allowed certificate is, for the MTA (XCLIENT LOGIN) and the logs: its name in
+        --allow-fingerprint, else its subject's common name, else its fingerprint in hex."""
+        named = self.fingerprints.name_of(der)
+        if named:
+            return named
+        from cryptography import x509
+
+        cns = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if cns else ""
+        return cn if _NAME_RE.fullmatch(cn) else cert_fingerprint(der).hex()
 
     def _issued_by_ca(self, der: bytes) -> bool:
         if not self.ca_certs:
@@ -721,13 +776,15 @@ class SMTPGate:
         return b"530 5.7.0 Must issue a STARTTLS command first\r\n"
 
 
-class StripStartTLS:
-    """Filters what the MTA says to a client that is inside TLS already: a STARTTLS line in an EHLO
-    reply would be a lie there, so it is dropped. The MTA-to-client direction carries only replies
-    (mail flows the other way), so parsing it costs little; a reply beyond the limits ends the
-    filtering and passes through as it is."""
+class HideExtensions:
+    """Filters what the MTA says to a client that is inside TLS already: in an EHLO reply, STARTTLS
+    would be a lie there, and XCLIENT / XFORWARD are meant for certproxy (the MTA trusts our address
+    with them), not for the client. The MTA-to-client direction carries only replies (mail flows the
+    other way), so parsing it costs little; a reply beyond the limits ends the filtering and passes
+    through as it is."""
 
     __slots__ = ("_buf", "done", "_lines")
+    HIDDEN = frozenset((b"STARTTLS", b"XCLIENT", b"XFORWARD"))
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -759,10 +816,106 @@ class StripStartTLS:
     def _strip(lines: list[bytes]) -> list[bytes]:
         if len(lines) < 2 or not lines[0].startswith(b"250"):
             return lines
-        kept = [lines[0]] + [ln for ln in lines[1:] if ln[4:].strip().upper() != b"STARTTLS"]
+        kept = [lines[0]] + [ln for ln in lines[1:] if ln[4:].split(b" ", 1)[0].strip().upper()
+                             not in HideExtensions.HIDDEN]
         if len(kept) < len(lines) and kept[-1][3:4] == b"-":
             kept[-1] = kept[-1][:3] + b" " + kept[-1][4:]
         return kept
+
+
+Address = tuple[str, int]  # (ip, port) of one end of a TCP connection
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+MAX_PROXY_V1 = 107  # the PROXY protocol spec's longest v1 line, CRLF included
+MAX_PROXY_V2 = 16 + 536  # header + the largest address block with TLVs we accept
+
+
+def _same_family(src: Address, dst: Address) -> tuple[ipaddress._BaseAddress, ipaddress._BaseAddress] | None:
+    a, b = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
+    if a.version != b.version:  # an IPv4 client on a dual-stack socket: say it as IPv4 if we can
+        a = getattr(a, "ipv4_mapped", None) or a
+        b = getattr(b, "ipv4_mapped", None) or b
+    return (a, b) if a.version == b.version else None
+
+
+def proxy_header(version: str, src: Address, dst: Address) -> bytes:
+    """The PROXY protocol header (haproxy's proxy-protocol.txt) telling a backend that the connection
+    it sees really comes from ``src`` and was made to ``dst``."""
+    pair = _same_family(src, dst)
+    if version == "v1":
+        if pair is None:
+            return b"PROXY UNKNOWN\r\n"
+        a, b = pair
+        return f"PROXY TCP{a.version} {a} {b} {src[1]} {dst[1]}\r\n".encode()
+    if pair is None:
+        return PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00"  # LOCAL: no address to give
+    a, b = pair
+    body = a.packed + b.packed + src[1].to_bytes(2, "big") + dst[1].to_bytes(2, "big")
+    family = b"\x11" if a.version == 4 else b"\x21"  # TCP over IPv4 / IPv6
+    return PROXY_V2_SIGNATURE + b"\x21" + family + len(body).to_bytes(2, "big") + body
+
+
+def parse_proxy_header(data: bytes) -> tuple[int, Address | None, Address | None] | None:
+    """A PROXY v1 or v2 header at the start of ``data``: (its length, source, destination), the
+    addresses None for LOCAL/UNKNOWN; None if more bytes are needed. Raises ValueError if it is not one."""
+    if data[:12] == PROXY_V2_SIGNATURE[: len(data[:12])] and len(data) < 16:
+        return None
+    if data.startswith(PROXY_V2_SIGNATURE):
+        ver_cmd, family, length = data[12], data[13], int.from_bytes(data[14:16], "big")
+        if ver_cmd >> 4 != 2 or ver_cmd & 0xF not in (0, 1) or 16 + length > MAX_PROXY_V2:
+            raise ValueError("bad PROXY v2 header")
+        if len(data) < 16 + length:
+            return None
+        body = data[16: 16 + length]
+        if ver_cmd & 0xF == 0 or family not in (0x11, 0x21):  # LOCAL (health check), or not TCP/IP
+            return 16 + length, None, None
+        size = 4 if family == 0x11 else 16
+        if length < 2 * size + 4:
+            raise ValueError("short PROXY v2 address block")
+        a, b = ipaddress.ip_address(body[:size]), ipaddress.ip_address(body[size: 2 * size])
+        ports = body[2 * size: 2 * size + 4]
+        return 16 + length, (str(a), int.from_bytes(ports[:2], "big")), (str(b), int.from_bytes(ports[2:], "big"))
+    if not b"PROXY "[: len(data)] == data[:6]:
+        raise ValueError("no PROXY header")
+    end = data.find(b"\r\n")
+    if end < 0:
+        if len(data) >= MAX_PROXY_V1:
+            raise ValueError("PROXY v1 line too long")
+        return None
+    fields = data[:end].decode("ascii", "replace").split(" ")
+    if fields[1:2] == ["UNKNOWN"]:
+        return end + 2, None, None
+    if len(fields) != 6 or fields[1] not in ("TCP4", "TCP6"):
+        raise ValueError("bad PROXY v1 line")
+    try:
+        a, b = ipaddress.ip_address(fields[2]), ipaddress.ip_address(fields[3])
+        sp, dp = int(fields[4]), int(fields[5])
+    except ValueError:
+        raise ValueError("bad PROXY v1 addresses") from None
+    if f"TCP{a.version}" != fields[1] or a.version != b.version or not (0 <= sp < 65536 and 0 <= dp < 65536):
+        raise ValueError("bad PROXY v1 addresses")
+    return end + 2, (str(a), sp), (str(b), dp)
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext, which XCLIENT attribute values use."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+                   for c in value)
+
+
+def xclient_command(offered: set[str], src: Address, login: str | None) -> bytes:
+    """The XCLIENT command (Postfix's XCLIENT_README) telling the MTA the real client: its address
+    and port, no reverse name (we did not look one up), and who its certificate says it is."""
+    ip = ipaddress.ip_address(src[0])
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    attrs = [f"ADDR={'IPV6:' if ip.version == 6 else ''}{ip}"]
+    if "PORT" in offered:
+        attrs.append(f"PORT={src[1]}")
+    if "NAME" in offered:
+        attrs.append("NAME=[UNAVAILABLE]")
+    if login is not None and "LOGIN" in offered:
+        attrs.append(f"LOGIN={xtext(login)}")
+    return ("XCLIENT " + " ".join(attrs) + "\r\n").encode()
 
 
 # endregion
@@ -787,7 +940,7 @@ class _Pump(asyncio.Protocol):
         self.eof = False
         self.plain = True  # a TCP transport that can half-close, as opposed to TLS
         self.waiter: asyncio.Future[None] | None = None  # woken by held data or loss, before linking
-        self.filter: StripStartTLS | None = None  # rewrites what we receive until it says done
+        self.filter: HideExtensions | None = None  # rewrites what we receive until it says done
         self._splice: _Splice | None = None
 
     def _wake(self) -> None:
@@ -1137,6 +1290,7 @@ def _verify_server(cfg: ClientConfig, ep: Endpoint, transport: asyncio.Transport
 # region Client mode: the service -----------------------------------------------------------------
 
 _session_ids = itertools.count(1)
+_WORKER: int | None = None  # with --workers N: this process's number, in every session line
 
 
 def _kv(**facts: object) -> str:
@@ -1391,18 +1545,77 @@ class ClientService(_Listener):
 # region Server mode: the service -----------------------------------------------------------------
 
 
+def _address(sockaddr: tuple) -> Address:
+    return sockaddr[0], sockaddr[1]
+
+
+def _show(addr: Address) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+async def _peek(sock: socket.socket, n: int) -> bytes:
+    """Up to ``n`` bytes the peer has sent on a raw accepted socket, left unread; waits for some.
+    b"" means the peer closed."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return sock.recv(n, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pass
+        ready = loop.create_future()
+        loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())
+
+
+async def _accept_proxy_header(sock: socket.socket) -> tuple[Address | None, Address | None]:
+    """Read exactly the PROXY v1/v2 header a load balancer put in front of the client's bytes."""
+    while True:
+        data = await _peek(sock, MAX_PROXY_V2)
+        if not data:
+            raise SessionError("", "the load balancer closed before sending a PROXY header")
+        try:
+            parsed = parse_proxy_header(data)
+        except ValueError as e:
+            raise ProtocolError("", f"connection from a --proxy-from address without a valid PROXY header ({e}); "
+                                    "closed") from None
+        if parsed is not None:
+            n, src, dst = parsed
+            sock.recv(n)  # all n bytes are there (peeked): this takes the header and nothing more
+            return src, dst
+        await asyncio.sleep(0.01)  # a header split across segments: rare, and bounded by the deadline
+
+
+async def _sniff(sock: socket.socket) -> TLSMode | None:
+    """On a port that speaks both: a TLS client sends its ClientHello (first byte 0x16, a TLS
+    handshake record) at once, an SMTP client waits for our greeting. Decide as soon as a byte is
+    there; with nothing after DUAL_SNIFF_S, greet. None: the client left."""
+    try:
+        async with asyncio.timeout(DUAL_SNIFF_S):
+            first = await _peek(sock, 1)
+    except (TimeoutError, asyncio.TimeoutError):
+        return TLSMode.STARTTLS
+    if not first:
+        return None
+    return TLSMode.IMPLICIT if first == b"\x16" else TLSMode.STARTTLS
+
+
 class ServerService(_Listener):
     """Terminates TLS (implicit or STARTTLS), authorises the client certificate, splices to the MTA.
 
-    One connection's life: [STARTTLS dialogue] → TLS handshake → authorise → backend connect and
-    greeting → splice. Each phase has its own deadline; the session ends in one log line.
+    One connection's life: [PROXY header from a load balancer] → [which TLS, on a dual port] →
+    [STARTTLS dialogue] → TLS handshake → authorise and route → backend connect, [PROXY header],
+    greeting, [XCLIENT] → splice. Each phase has its own deadline; the session ends in one log line.
     """
 
     def __init__(self, cfg: ServerConfig) -> None:
         hostname = cfg.hostname or socket.getfqdn() or "localhost"
-        # Before TLS we can say we are busy; on an implicit-TLS port only a close is possible.
+        # Before TLS we can say we are busy; on an implicit-TLS port only a close is possible (on a
+        # dual port a TLS client takes the reply for a broken ServerHello: refused either way).
         busy = f"421 4.7.0 {hostname} too busy, try again later\r\n".encode()
-        super().__init__(cfg.listen, cfg.max_connections, busy if cfg.mode is TLSMode.STARTTLS else None)
+        super().__init__(cfg.listen, cfg.max_connections, None if cfg.mode is TLSMode.IMPLICIT else busy)
         self.cfg = cfg
         self.hostname = hostname
         self.max_per_ip = cfg.max_per_ip
@@ -1414,38 +1627,57 @@ class ServerService(_Listener):
 
     async def start(self) -> None:
         await self._listen()
+        cfg = self.cfg
         _log_event(logging.INFO, "listening", service=self.service_name, role="server",
-                   listen=f"{self.listen.host}:{self.port}", mode=self.cfg.mode.value, backend=str(self.cfg.backend))
+                   listen=f"{self.listen.host}:{self.port}", mode=cfg.mode.value, backend=str(cfg.backend),
+                   untrusted_backend=cfg.untrusted_backend and str(cfg.untrusted_backend),
+                   client_cert=cfg.client_cert, xclient="yes" if cfg.xclient else None,
+                   proxy_protocol=cfg.proxy_protocol)
 
     async def _session(self, sock: socket.socket, peer: str) -> None:
         sid = next(_session_ids)
         t0 = time.monotonic()
-        facts: dict[str, object] = {"peer": peer, "mode": self.cfg.mode.value}
+        # A reload swaps these; a session keeps the settings it started with.
+        cfg, ctx, policy, hostname = self.cfg, self.ctx, self.policy, self.hostname
+        facts: dict[str, object] = {"peer": peer}
         outcome, reason = "ok", ""
         backend: _Pump | None = None
         tls_pump = _Pump()
+        raw = True  # the socket has no transport yet: closing it is ours to do
         try:
-            if self.cfg.mode is TLSMode.STARTTLS:
+            src, dst = _address(sock.getpeername()), _address(sock.getsockname())
+            async with asyncio.timeout(cfg.timeouts.handshake):
+                if cfg.proxy_from and any(ipaddress.ip_address(src[0]) in net for net in cfg.proxy_from):
+                    told_src, told_dst = await _accept_proxy_header(sock)
+                    if told_src is not None:
+                        facts["peer"], facts["via"] = _show(told_src), peer
+                        src, dst = told_src, told_dst
+                mode = cfg.mode if cfg.mode is not TLSMode.EITHER else await _sniff(sock)
+            if mode is None:
+                outcome, reason = "closed", "client left before saying anything"
+                return
+            facts["mode"] = mode.value
+            raw = False
+            if mode is TLSMode.STARTTLS:
                 client = tls_pump = await _adopt(sock)
-                gate = SMTPGate(self.hostname)
+                gate = SMTPGate(hostname)
                 client.transport.write(gate.greeting())
-                if not await self._converse(client, gate, self.cfg.timeouts.dialogue):
+                if not await self._converse(client, gate, cfg.timeouts.dialogue):
                     outcome, reason = "closed", gate.reason or "client left before STARTTLS"
                     return
-                tls_pump = await self._handshake(client)
+                tls_pump = await self._handshake(ctx, cfg, client)
             else:
-                tls_pump = await self._handshake(None, sock)
+                tls_pump = await self._handshake(ctx, cfg, None, sock)
             facts.update(tls_facts(tls_pump.transport))
-            der = peer_certificate(tls_pump.transport)
-            refusal = self._authorise(der, facts)
-            if refusal is not None:
+            route, login, refusal = self._route(cfg, policy, peer_certificate(tls_pump.transport), facts)
+            if route is None:
                 outcome, reason = "refused", refusal[1]
-                await self._refuse(tls_pump, refusal[0])
+                await self._refuse(tls_pump, refusal[0], mode, hostname, cfg.timeouts.dialogue)
                 return
-            facts["backend"] = str(self.cfg.backend)
-            backend = await self._open_backend(tls_pump)
-            backend.filter = StripStartTLS()  # the client is inside TLS already: STARTTLS there is a lie
-            splice = _Splice(tls_pump, backend, self.cfg.timeouts.idle)
+            facts["backend"] = str(route)
+            backend = await self._open_backend(cfg, tls_pump, route, src, dst, login, mode, hostname)
+            backend.filter = HideExtensions()  # the client is inside TLS already: STARTTLS there is a lie
+            splice = _Splice(tls_pump, backend, cfg.timeouts.idle)
             await splice.done
             outcome = splice.outcome
         except SessionError as e:
@@ -1467,9 +1699,11 @@ class ServerService(_Listener):
             if tls_pump.transport is not None:
                 tls_pump.transport.abort()
         finally:
+            if raw:
+                sock.close()
             _close_all(tls_pump, backend)
             _log_event(logging.INFO if outcome == "ok" else logging.WARNING, "session", id=sid,
-                       service=self.service_name, **facts, bytes_in=tls_pump.nbytes,
+                       service=self.service_name, worker=_WORKER, **facts, bytes_in=tls_pump.nbytes,
                        bytes_out=backend.nbytes if backend else 0,
                        duration=round(time.monotonic() - t0, 3), outcome=outcome, reason=reason)
 
@@ -1489,18 +1723,19 @@ class ServerService(_Listener):
                 if gate.state is _GateState.STARTTLS:
                     return True  # reading is paused: nothing more is read in clear
 
-    async def _handshake(self, client: _Pump | None, sock: socket.socket | None = None) -> _Pump:
+    async def _handshake(self, ctx: ssl.SSLContext, cfg: ServerConfig, client: _Pump | None,
+                         sock: socket.socket | None = None) -> _Pump:
         """TLS on the STARTTLS connection ``client``, or on the freshly accepted ``sock`` (implicit)."""
         loop = asyncio.get_running_loop()
         pump = _Pump()
-        hs = self.cfg.timeouts.handshake
+        hs = cfg.timeouts.handshake
         try:
             async with asyncio.timeout(hs):
                 if client is not None:
-                    transport = await loop.start_tls(client.transport, pump, self.ctx, server_side=True,
+                    transport = await loop.start_tls(client.transport, pump, ctx, server_side=True,
                                                      ssl_handshake_timeout=hs)
                 else:
-                    transport, _ = await loop.connect_accepted_socket(lambda: pump, sock, ssl=self.ctx,
+                    transport, _ = await loop.connect_accepted_socket(lambda: pump, sock, ssl=ctx,
                                                                       ssl_handshake_timeout=hs)
         except BaseException as e:
             if client is not None:
@@ -1516,24 +1751,37 @@ class ServerService(_Listener):
         pump.connection_made(transport)
         return pump
 
-    def _authorise(self, der: bytes | None, facts: dict[str, object]) -> tuple[str, str] | None:
-        """None if the client may pass; else (reply, log reason)."""
+    @staticmethod
+    def _route(cfg: ServerConfig, policy: ClientPolicy, der: bytes | None,
+               facts: dict[str, object]) -> tuple[Endpoint | None, str | None, tuple[str, str]]:
+        """Where a client that presented ``der`` goes: (backend, its name for XCLIENT, ("", "")), or
+        (None, None, (reply, log reason)) when it is refused. Only an allowed certificate reaches
+        --backend; under --client-cert optional everyone else goes to --untrusted-backend."""
         if der is None:
-            return "530 5.7.0 client certificate required", "no client certificate"
-        facts["cert_subject"] = certificate_subject(der)
-        facts["cert_fp"] = format_fingerprint(cert_fingerprint(der))
-        ok, why = self.policy.authorise(der)
-        if not ok:
-            return "554 5.7.1 certificate not authorised", why
-        return None
+            refusal = ("530 5.7.0 client certificate required", "no client certificate")
+            facts["cert"] = "none"
+        else:
+            facts["cert_subject"] = certificate_subject(der)
+            facts["cert_fp"] = format_fingerprint(cert_fingerprint(der))
+            ok, why = policy.authorise(der)
+            if ok:
+                facts["cert"] = "allowed"
+                facts["cert_name"] = name = policy.name(der)
+                return cfg.backend, name, ("", "")
+            refusal = ("554 5.7.1 certificate not authorised", why)
+            facts["cert"] = "refused"
+        if cfg.client_cert == "optional":
+            facts["untrusted"] = refusal[1]
+            return cfg.untrusted_backend, None, ("", "")
+        return None, None, refusal
 
-    async def _refuse(self, pump: _Pump, reply: str) -> None:
+    async def _refuse(self, pump: _Pump, reply: str, mode: TLSMode, hostname: str, deadline: float) -> None:
         """Tell a TLS client without an allowed certificate why, in SMTP, then hang up."""
-        gate = SMTPGate(self.hostname, refusal=reply)
-        if self.cfg.mode is TLSMode.IMPLICIT:
+        gate = SMTPGate(hostname, refusal=reply)
+        if mode is TLSMode.IMPLICIT:
             pump.transport.write(gate.greeting())
         try:
-            await self._converse(pump, gate, self.cfg.timeouts.dialogue)
+            await self._converse(pump, gate, deadline)
         except (TimeoutError, asyncio.TimeoutError):
             pass
         except ProtocolError as e:
@@ -1541,28 +1789,52 @@ class ServerService(_Listener):
         if not pump.lost:
             pump.transport.close()
 
-    async def _open_backend(self, client: _Pump) -> _Pump:
+    async def _open_backend(self, cfg: ServerConfig, client: _Pump, ep: Endpoint, src: Address, dst: Address,
+                            login: str | None, mode: TLSMode, hostname: str) -> _Pump:
+        """Connect to the MTA, [PROXY header], consume its greeting, [XCLIENT]. In implicit TLS the
+        client has heard nothing yet, so the MTA's (last) greeting becomes the client's."""
         loop = asyncio.get_running_loop()
-        ep = self.cfg.backend
         pump = _Pump()
+        who = f"backend {ep}"
         try:
-            async with asyncio.timeout(self.cfg.timeouts.connect):
+            async with asyncio.timeout(cfg.timeouts.connect):
                 await loop.create_connection(lambda: pump, ep.host, ep.port)
-            async with asyncio.timeout(self.cfg.timeouts.dialogue):
-                reply = await _read_reply(pump, keep=False, who=f"backend {ep}")
+            if cfg.proxy_protocol:
+                pump.transport.write(proxy_header(cfg.proxy_protocol, src, dst))
+            async with asyncio.timeout(cfg.timeouts.dialogue):
+                greeting = await _read_reply(pump, keep=False, who=who)
+                if greeting is None or greeting.code != 220:
+                    raise ProtocolError("", "closed the connection" if greeting is None
+                                        else f"greeted with {greeting.code} {greeting.lines[0]}")
+                if cfg.xclient:
+                    greeting = await self._xclient(pump, hostname, src, login)
         except (OSError, TimeoutError, asyncio.TimeoutError, ProtocolError) as e:
             if pump.transport is not None:
                 pump.transport.abort()
             raise SessionError("421 4.3.0 mail server unavailable, try again later",
-                               f"backend {ep}: {getattr(e, 'reason', None) or _describe(e)}") from None
-        if reply is None or reply.code != 220:
-            pump.transport.abort()
-            got = "closed the connection" if reply is None else f"greeted with {reply.code}"
-            raise SessionError("421 4.3.0 mail server unavailable, try again later", f"backend {ep}: {got}")
-        if self.cfg.mode is TLSMode.IMPLICIT:
-            # Implicit TLS: the client has heard nothing yet; the MTA's greeting is its greeting.
-            client.transport.write(reply.encode())
+                               f"{who}: {getattr(e, 'reason', None) or _describe(e)}") from None
+        if mode is TLSMode.IMPLICIT:
+            client.transport.write(greeting.encode())
         return pump
+
+    @staticmethod
+    async def _xclient(pump: _Pump, hostname: str, src: Address, login: str | None) -> Reply:
+        pump.transport.write(f"EHLO {hostname}\r\n".encode())
+        ehlo = await _read_reply(pump, keep=False, who="backend")
+        offered = None
+        for line in ehlo.lines[1:] if ehlo is not None and ehlo.code == 250 else ():
+            words = line.upper().split()
+            if words and words[0] == "XCLIENT":
+                offered = set(words[1:])
+        if offered is None or "ADDR" not in offered:
+            raise ProtocolError("", "does not offer XCLIENT to certproxy; allow it (Postfix: "
+                                    "smtpd_authorized_xclient_hosts = 127.0.0.1) or drop --xclient")
+        pump.transport.write(xclient_command(offered, src, login))
+        reply = await _read_reply(pump, keep=False, who="backend")
+        if reply is None or reply.code != 220:
+            got = "closed the connection" if reply is None else f"{reply.code} {reply.lines[0]}"
+            raise ProtocolError("", f"refused XCLIENT: {got}")
+        return reply
 
 
 # endregion
@@ -1996,16 +2268,30 @@ def _build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("server", help="mail-server side: mutual TLS in, plain SMTP to the local MTA")
     sv.add_argument("--backend", required=True, metavar="HOST:PORT", help="the MTA, e.g. 127.0.0.1:10025")
     sv.add_argument("--listen", metavar="HOST:PORT", help="default 0.0.0.0:465 with --tls, 0.0.0.0:587 with --starttls")
-    smode = sv.add_mutually_exclusive_group(required=True)
-    smode.add_argument("--tls", action="store_true", help="implicit TLS (port 465)")
-    smode.add_argument("--starttls", action="store_true", help="STARTTLS (ports 25/587)")
+    sv.add_argument("--tls", action="store_true", help="implicit TLS (port 465); with --starttls: both on one port")
+    sv.add_argument("--starttls", action="store_true", help="STARTTLS (ports 25/587)")
     sv.add_argument("--cert", required=True, metavar="FILE", help="server certificate (PEM, may hold chain and key)")
     sv.add_argument("--key", metavar="FILE", help="server key (PEM); default: in --cert")
     sv.add_argument("--allow", action="append", default=[], metavar="PATH",
                     help="client certificate(s) allowed as themselves: a PEM file or a directory of them")
     sv.add_argument("--client-ca", metavar="FILE", help="private CA: any client certificate it issued is allowed")
-    sv.add_argument("--allow-fingerprint", action="append", default=[], metavar="FP",
-                    help="narrow --client-ca / --allow to these certificate or public-key SHA-256s")
+    sv.add_argument("--allow-fingerprint", action="append", default=[], metavar="'FP [NAME]'",
+                    help="narrow --client-ca / --allow to these certificate or public-key SHA-256s; "
+                         "NAME is who the certificate is (XCLIENT LOGIN, logs)")
+    sv.add_argument("--client-cert", choices=("required", "optional"), default="required",
+                    help="required (default): no allowed certificate, no entry; optional: such clients go to "
+                         "--untrusted-backend")
+    sv.add_argument("--optional-client-cert", dest="client_cert", action="store_const", const="optional",
+                    help="same as --client-cert optional")
+    sv.add_argument("--untrusted-backend", metavar="HOST:PORT",
+                    help="with --client-cert optional: where clients without an allowed certificate go "
+                         "(an MTA port that treats them as strangers)")
+    sv.add_argument("--xclient", action="store_true",
+                    help="tell the backend the client's address and certificate name with XCLIENT")
+    sv.add_argument("--proxy-protocol", choices=("v1", "v2"),
+                    help="send a PROXY protocol header to the backend (client address)")
+    sv.add_argument("--proxy-from", action="append", default=[], metavar="ADDR[/BITS]",
+                    help="load balancer(s) whose connections start with a PROXY v1/v2 header")
     sv.add_argument("--hostname", default="", metavar="NAME", help="greeting / EHLO name; default the FQDN")
     sv.add_argument("--max-connections", type=int, default=MAX_SERVER_CONNECTIONS, metavar="N",
                     help="default %(default)s")
@@ -2110,8 +2396,20 @@ def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
     )
 
 
+def _networks(texts: list[str], option: str) -> tuple:
+    nets = []
+    for text in texts:
+        try:
+            nets.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(option, f"{text!r} is not an address or ADDR/BITS network") from None
+    return tuple(nets)
+
+
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
-    mode = TLSMode.IMPLICIT if args.tls else TLSMode.STARTTLS
+    if not args.tls and not args.starttls:
+        raise ConfigError("--tls", "say --tls (implicit TLS), --starttls, or both (one port, detected per client)")
+    mode = TLSMode.EITHER if args.tls and args.starttls else TLSMode.IMPLICIT if args.tls else TLSMode.STARTTLS
     listen = args.listen or ("0.0.0.0:465" if mode is TLSMode.IMPLICIT else "0.0.0.0:587")
     return ServerConfig(
         name=args.name or "server",
@@ -2124,6 +2422,11 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         client_ca=args.client_ca,
         allow_fingerprints=Pins.parse(args.allow_fingerprint, "--allow-fingerprint"),
         hostname=args.hostname,
+        client_cert=args.client_cert,
+        untrusted_backend=args.untrusted_backend and Endpoint.parse(args.untrusted_backend, "--untrusted-backend"),
+        xclient=args.xclient,
+        proxy_protocol=args.proxy_protocol,
+        proxy_from=_networks(args.proxy_from, "--proxy-from"),
         max_connections=args.max_connections,
         max_per_ip=args.max_per_ip,
         timeouts=_timeouts(args),

@@ -48,7 +48,7 @@ class TestConfigErrors:
         ("[server.mx]\ntls = true\nbackend = \"127.0.0.1:25\"\ncert = \"{server}\"\n",
          "[server.mx] --allow: give --allow"),
         ("[server.mx]\nbackend = \"127.0.0.1:25\"\ncert = \"{server}\"\nallow = [\"{client}\"]\n",
-         "[server.mx] option: one of the arguments --tls --starttls is required"),
+         "[server.mx] --tls: say --tls (implicit TLS), --starttls, or both"),
         ("[server.mx]\ntls = true\ncert = \"{server}\"\nallow = [\"{client}\"]\n",
          "[server.mx] option: the following arguments are required: --backend"),
         ("[server.mx]\ntls = true\nbackend = \"127.0.0.1:25\"\ncert = \"{server}\"\nallow = [\"{client}\"]\n"

@@ -1811,8 +1811,9 @@ class ServerService(_Listener):
         except (OSError, TimeoutError, asyncio.TimeoutError, ProtocolError) as e:
             if pump.transport is not None:
                 pump.transport.abort()
+            why = getattr(e, "reason", None) or _describe(e)
             raise SessionError("421 4.3.0 mail server unavailable, try again later",
-                               f"{who}: {getattr(e, 'reason', None) or _describe(e)}") from None
+                               why if why.startswith(who) else f"{who}: {why}") from None
         if mode is TLSMode.IMPLICIT:
             client.transport.write(greeting.encode())
         return pump

@@ -1,0 +1,333 @@
+"""certproxy server's front door and back door: who the MTA is told the client is (XCLIENT, PROXY
+protocol), PROXY headers from a load balancer, clients without an allowed certificate routed to an
+untrusted backend, and implicit TLS plus STARTTLS on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+
+import pytest
+
+import certproxy
+from certproxy import parse_proxy_header, proxy_header, xclient_command, xtext
+from conftest import read_reply, session_line
+from test_server import client_ctx, smtplib_send, tls_open
+
+MODES = {"tls": certproxy.TLSMode.IMPLICIT, "starttls": certproxy.TLSMode.STARTTLS,
+         "both": certproxy.TLSMode.EITHER}
+
+
+@pytest.fixture
+async def service(certs):
+    services = []
+
+    async def start(mode: str, backend: str, **kw) -> certproxy.ServerService:
+        kw.setdefault("allow", (str(certs.client.cert),))
+        cfg = certproxy.ServerConfig(
+            listen=certproxy.Endpoint(host="127.0.0.1", port=0),
+            backend=certproxy.Endpoint.parse(backend, "--backend"), mode=MODES[mode],
+            cert=str(certs.server.cert), key=str(certs.server.key), hostname="mx.certproxy.test", **kw)
+        svc = certproxy.ServerService(cfg)
+        await svc.start()
+        services.append(svc)
+        return svc
+
+    yield start
+    for s in services:
+        await s.stop()
+
+
+@pytest.fixture
+async def sink():
+    sinks = []
+
+    async def start(name: str, keywords=("8BITMIME",)) -> certproxy._SinkMTA:
+        s = certproxy._SinkMTA(name, keywords)
+        await s.start()
+        s.endpoint = f"127.0.0.1:{s.port}"
+        sinks.append(s)
+        return s
+
+    yield start
+    for s in sinks:
+        await s.stop()
+
+
+async def xclient_mta(reader, writer, received, *, offer="XCLIENT NAME ADDR PORT LOGIN", answer=b"220 after.xclient ESMTP\r\n"):
+    """A backend that speaks XCLIENT the way Postfix does: a new greeting after it."""
+    writer.write(b"220 before.xclient ESMTP\r\n")
+    while line := await reader.readline():
+        received += line
+        verb = line.split(b" ", 1)[0].strip().upper()
+        if verb == b"EHLO":
+            writer.write(b"250-before.xclient\r\n" + (f"250-{offer}\r\n".encode() if offer else b"") + b"250 8BITMIME\r\n")
+        elif verb == b"XCLIENT":
+            writer.write(answer)
+        elif verb == b"QUIT":
+            writer.write(b"221 bye\r\n")
+            break
+        else:
+            writer.write(b"250 ok\r\n")
+        await writer.drain()
+
+
+class TestWireFormats:
+    def test_proxy_v1(self):
+        assert proxy_header("v1", ("203.0.113.7", 40000), ("192.0.2.1", 465)) == \
+            b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 465\r\n"
+        assert proxy_header("v1", ("2001:db8::7", 40000), ("2001:db8::1", 465)) == \
+            b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 465\r\n"
+        # an IPv4 client on a dual-stack socket is said as IPv4
+        assert proxy_header("v1", ("::ffff:203.0.113.7", 1), ("192.0.2.1", 2)) == b"PROXY TCP4 203.0.113.7 192.0.2.1 1 2\r\n"
+
+    def test_proxy_v2_layout(self):
+        h = proxy_header("v2", ("203.0.113.7", 40000), ("192.0.2.1", 465))
+        assert h[:12] == b"\r\n\r\n\x00\r\nQUIT\n" and h[12] == 0x21 and h[13] == 0x11
+        assert int.from_bytes(h[14:16], "big") == 12 == len(h) - 16
+        assert h[16:20] == ipaddress.ip_address("203.0.113.7").packed and h[24:26] == (40000).to_bytes(2, "big")
+
+    @pytest.mark.parametrize("version", ["v1", "v2"])
+    @pytest.mark.parametrize("src,dst", [(("203.0.113.7", 40000), ("192.0.2.1", 465)),
+                                         (("2001:db8::7", 1), ("2001:db8::1", 65535))])
+    def test_round_trip_and_partial(self, version, src, dst):
+        h = proxy_header(version, src, dst)
+        assert parse_proxy_header(h + b"EHLO x\r\n") == (len(h), src, dst)
+        for cut in range(len(h)):
+            assert parse_proxy_header(h[:cut]) is None, cut  # more bytes needed, never a wrong answer
+
+    @pytest.mark.parametrize("data", [b"EHLO x\r\n", b"\x16\x03\x01\x00", b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
+                                      b"PROXY TCP4 1.2.3.4 ::1 1 2\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n",
+                                      b"PROXY " + b"x" * 200, b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + bytes(12)])
+    def test_garbage_is_refused(self, data):
+        with pytest.raises(ValueError):
+            parse_proxy_header(data)
+
+    def test_local_and_unknown_carry_no_address(self):
+        assert parse_proxy_header(b"PROXY UNKNOWN\r\n") == (15, None, None)
+        assert parse_proxy_header(b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00") == (16, None, None)
+
+    def test_xclient(self):
+        assert xtext("al ice+=x") == "al+20ice+2B+3Dx"
+        assert xclient_command({"ADDR", "PORT", "NAME", "LOGIN"}, ("203.0.113.7", 4000), "alice") == \
+            b"XCLIENT ADDR=203.0.113.7 PORT=4000 NAME=[UNAVAILABLE] LOGIN=alice\r\n"
+        assert xclient_command({"ADDR"}, ("2001:db8::7", 4000), "alice") == b"XCLIENT ADDR=IPV6:2001:db8::7\r\n"
+
+    def test_named_fingerprints(self, certs):
+        pins = certproxy.Pins.parse([f"{certs.client.fp} alice", certs.other_client.fp], "--allow-fingerprint")
+        assert pins.name_of(certs.client.der) == "alice"
+        assert pins.name_of(certs.other_client.der) is None
+        with pytest.raises(certproxy.ConfigError, match="--allow-fingerprint.*usable name"):
+            certproxy.Pins.parse([f"{certs.client.fp} al/ice"], "--allow-fingerprint")
+        with pytest.raises(certproxy.ConfigError, match="--allow-fingerprint.*not a SHA-256"):
+            certproxy.Pins.parse(["abcd alice"], "--allow-fingerprint")
+
+    def test_hide_extensions(self):
+        f = certproxy.HideExtensions()
+        out = f.feed(b"250-mx\r\n250-XCLIENT NAME ADDR\r\n250-STARTTLS\r\n250-XFORWARD NAME\r\n250 8BITMIME\r\n")
+        assert out == b"250-mx\r\n250 8BITMIME\r\n"
+
+
+class TestXClient:
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    async def test_backend_is_told_address_and_name(self, certs, service, scripted_upstream, mode, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        mta = await scripted_upstream(xclient_mta)
+        svc = await service(mode, mta.endpoint, xclient=True,
+                            allow_fingerprints=certproxy.Pins.parse([f"{certs.client.fp} alice"], "x"))
+        reader, writer, greeting = await tls_open(svc.port, mode, client_ctx(certs, certs.client))
+        if mode == "tls":
+            assert greeting == b"220 after.xclient ESMTP\r\n"  # the greeting after XCLIENT is the client's
+        writer.write(b"EHLO laptop.test\r\n")
+        ehlo = await read_reply(reader)
+        assert b"XCLIENT" not in ehlo and b"8BITMIME" in ehlo  # XCLIENT is for certproxy, not for clients
+        writer.close()
+        line = await session_line(caplog)
+        port = int(line.split("peer=127.0.0.1:")[1].split()[0])
+        sent = bytes(mta.received).split(b"\r\n")
+        assert sent[0] == b"EHLO mx.certproxy.test"
+        assert sent[1] == f"XCLIENT ADDR=127.0.0.1 PORT={port} NAME=[UNAVAILABLE] LOGIN=alice".encode()
+        assert sent[2] == b"EHLO laptop.test"
+        assert "cert_name=alice" in line and "outcome=ok" in line
+
+    async def test_name_defaults_to_common_name(self, certs, service, scripted_upstream):
+        mta = await scripted_upstream(xclient_mta)
+        svc = await service("tls", mta.endpoint, xclient=True)
+        reader, writer, _ = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
+        writer.close()
+        await asyncio.sleep(0.2)
+        assert b" LOGIN=laptop\r\n" in mta.received
+
+    @pytest.mark.parametrize("offer,answer,expect", [
+        ("", b"", "does not offer XCLIENT"),
+        ("XCLIENT NAME ADDR", b"550 5.7.0 Error: insufficient authorization\r\n", "refused XCLIENT: 550"),
+    ])
+    async def test_backend_without_xclient_fails_closed(self, certs, service, scripted_upstream, offer, answer,
+                                                        expect, caplog):
+        async def mta(r, w, rec):
+            await xclient_mta(r, w, rec, offer=offer, answer=answer)
+
+        backend = await scripted_upstream(mta)
+        svc = await service("tls", backend.endpoint, xclient=True)
+        reader, writer, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
+        assert greeting.startswith(b"421 4.3.0 ")
+        line = await session_line(caplog)
+        assert expect in line and "outcome=failed" in line, line
+        writer.close()
+
+
+class TestProxyProtocolOut:
+    @pytest.mark.parametrize("version", ["v1", "v2"])
+    async def test_header_precedes_everything(self, certs, service, scripted_upstream, version, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+
+        async def mta(reader, writer, received):
+            if version == "v1":
+                received += await reader.readline()
+            else:
+                head = await reader.readexactly(16)
+                received += head + await reader.readexactly(int.from_bytes(head[14:], "big"))
+            writer.write(b"220 mta ESMTP\r\n")
+            while line := await reader.readline():
+                received += line
+                writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
+
+        backend = await scripted_upstream(mta)
+        svc = await service("starttls", backend.endpoint, proxy_protocol=version)
+        reader, writer, _ = await tls_open(svc.port, "starttls", client_ctx(certs, certs.client))
+        local_port = writer.get_extra_info("sockname")[1]
+        writer.write(b"QUIT\r\n")
+        assert (await read_reply(reader)).startswith(b"221")
+        writer.close()
+        await session_line(caplog)
+        n, src, dst = parse_proxy_header(bytes(backend.received))
+        assert src == ("127.0.0.1", local_port) and dst == ("127.0.0.1", svc.port)
+        assert bytes(backend.received)[n:] == b"QUIT\r\n"
+
+
+class TestProxyProtocolIn:
+    async def open_via_lb(self, port: int, header: bytes, mode: str, ctx):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(header)
+        if mode == "tls":
+            await writer.start_tls(ctx, server_hostname="localhost")
+            return reader, writer, await read_reply(reader)
+        greeting = await read_reply(reader)
+        writer.write(b"EHLO laptop.test\r\n")
+        await read_reply(reader)
+        writer.write(b"STARTTLS\r\n")
+        await read_reply(reader)
+        await writer.start_tls(ctx, server_hostname="localhost")
+        return reader, writer, greeting
+
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    @pytest.mark.parametrize("version", ["v1", "v2"])
+    async def test_real_client_address_is_used(self, certs, service, scripted_upstream, mode, version, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        mta = await scripted_upstream(xclient_mta)
+        svc = await service(mode, mta.endpoint, xclient=True, proxy_from=(ipaddress.ip_network("127.0.0.0/8"),))
+        header = proxy_header(version, ("198.51.100.9", 51515), ("192.0.2.25", 465))
+        reader, writer, _ = await self.open_via_lb(svc.port, header, mode, client_ctx(certs, certs.client))
+        writer.write(b"NOOP\r\n")
+        assert (await read_reply(reader)).startswith(b"250")
+        writer.close()
+        line = await session_line(caplog)
+        assert "peer=198.51.100.9:51515" in line and "via=127.0.0.1:" in line and "outcome=ok" in line, line
+        assert b"XCLIENT ADDR=198.51.100.9 PORT=51515 " in mta.received
+
+    async def test_lb_connection_without_header_is_closed(self, certs, service, sink, caplog):
+        backend = await sink("b")
+        svc = await service("starttls", backend.endpoint, proxy_from=(ipaddress.ip_network("127.0.0.1/32"),))
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(b"EHLO sneaky.test\r\n")
+        try:  # no greeting, nothing: the bytes were not a PROXY header (unread input: a reset is fine)
+            assert await reader.read() == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+        line = await session_line(caplog)
+        assert "without a valid PROXY header" in line and "outcome=refused" in line, line
+        assert backend.connections == 0
+
+    async def test_other_addresses_need_no_header(self, certs, service, sink):
+        backend = await sink("b")
+        svc = await service("starttls", backend.endpoint, proxy_from=(ipaddress.ip_network("192.0.2.0/24"),))
+        assert await asyncio.to_thread(smtplib_send, svc.port, "starttls", client_ctx(certs, certs.client)) == {}
+        assert backend.messages
+
+
+class TestUntrustedBackend:
+    @pytest.fixture
+    async def pair(self, sink):
+        return await sink("trusted.test"), await sink("untrusted.test")
+
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    @pytest.mark.parametrize("who,lands,cert", [("client", "trusted", "allowed"), (None, "untrusted", "none")])
+    async def test_routing(self, certs, service, pair, mode, who, lands, cert, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        trusted, untrusted = pair
+        svc = await service(mode, trusted.endpoint, client_cert="optional",
+                            untrusted_backend=certproxy.Endpoint.parse(untrusted.endpoint, "x"))
+        ctx = client_ctx(certs, getattr(certs, who) if who else None)
+        assert await asyncio.to_thread(smtplib_send, svc.port, mode, ctx) == {}
+        got = trusted if lands == "trusted" else untrusted
+        other = untrusted if lands == "trusted" else trusted
+        assert len(got.messages) == 1 and other.connections == 0
+        line = await session_line(caplog)
+        assert f"cert={cert}" in line and f"backend={got.endpoint}" in line, line
+
+    async def test_ca_certificate_outside_fingerprints_goes_untrusted(self, certs, service, pair, tmp_path):
+        # A certificate the handshake accepts (an --allow file) but the fingerprint list does not:
+        # refused under `required`, routed to the untrusted backend under `optional`.
+        trusted, untrusted = pair
+        svc = await service("tls", trusted.endpoint, client_cert="optional",
+                            allow=(str(certs.client.cert), str(certs.other_client.cert)),
+                            allow_fingerprints=certproxy.Pins.parse([certs.client.fp], "x"),
+                            untrusted_backend=certproxy.Endpoint.parse(untrusted.endpoint, "x"))
+        assert await asyncio.to_thread(smtplib_send, svc.port, "tls", client_ctx(certs, certs.other_client)) == {}
+        assert untrusted.messages and not trusted.connections
+
+    def test_optional_needs_an_untrusted_backend(self, certs):
+        with pytest.raises(certproxy.ConfigError, match="--untrusted-backend"):
+            certproxy.ServerConfig(listen=certproxy.Endpoint(host="127.0.0.1", port=0),
+                                   backend=certproxy.Endpoint(host="127.0.0.1", port=25),
+                                   mode=certproxy.TLSMode.IMPLICIT, cert="x", allow=("x",), client_cert="optional")
+        with pytest.raises(certproxy.ConfigError, match="--untrusted-backend.*must differ"):
+            certproxy.ServerConfig(listen=certproxy.Endpoint(host="127.0.0.1", port=0),
+                                   backend=certproxy.Endpoint(host="127.0.0.1", port=25),
+                                   untrusted_backend=certproxy.Endpoint(host="127.0.0.1", port=25),
+                                   mode=certproxy.TLSMode.IMPLICIT, cert="x", allow=("x",), client_cert="optional")
+
+
+class TestOnePortBothModes:
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    async def test_each_client_gets_its_mode(self, certs, service, sink, mode, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        backend = await sink("b")
+        svc = await service("both", backend.endpoint)
+        assert await asyncio.to_thread(smtplib_send, svc.port, mode, client_ctx(certs, certs.client)) == {}
+        line = await session_line(caplog)
+        assert f"mode={mode} " in line and "outcome=ok" in line, line
+
+    async def test_tls_client_is_not_kept_waiting(self, certs, service, sink, monkeypatch):
+        # With the fallback wait set far beyond read_reply's timeout, a TLS client only gets its
+        # greeting if the sniff decides on the ClientHello itself.
+        monkeypatch.setattr(certproxy, "DUAL_SNIFF_S", 300.0)
+        backend = await sink("b")
+        svc = await service("both", backend.endpoint)
+        reader, writer, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
+        assert greeting.startswith(b"220 b ")
+        writer.close()
+
+    async def test_plaintext_is_never_spliced(self, certs, service, sink):
+        backend = await sink("b")
+        svc = await service("both", backend.endpoint)
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        assert (await read_reply(reader)).startswith(b"220 mx.certproxy.test")
+        writer.write(b"MAIL FROM:<a@b>\r\n")
+        assert (await read_reply(reader)).startswith(b"530 5.7.0")
+        writer.close()
+        assert backend.connections == 0

@@ -320,6 +320,10 @@ class ServerConfig:
                                                      "port your MTA trusts)")
         if self.untrusted_backend is not None and self.client_cert != "optional":
             raise ConfigError("--untrusted-backend", "is only used with --client-cert optional")
+        if self.untrusted_backend is not None and not (self.xclient or self.proxy_protocol):
+            raise ConfigError("--untrusted-backend", "needs --xclient or --proxy-protocol: every connection "
+                                                     "certproxy makes comes from 127.0.0.1, so the untrusted port "
+                                                     "must be told the client's real address to judge it")
         if self.untrusted_backend == self.backend:
             raise ConfigError("--untrusted-backend", "must differ from --backend: the backend trusts whoever "
                                                      "arrives on it")
@@ -2101,12 +2105,15 @@ class _SinkMTA:
     """A minimal SMTP server that keeps each message in memory: the demo's stand-in for Postfix
     (and the tests' recording backend: every connection and every byte received is counted)."""
 
-    def __init__(self, hostname: str = "sink.demo", keywords: tuple[str, ...] = ("8BITMIME",)) -> None:
+    def __init__(self, hostname: str = "sink.demo", keywords: tuple[str, ...] = ("8BITMIME",),
+                 proxy: bool = False) -> None:
         self.hostname = hostname
+        self.proxy = proxy
         self.ehlo = "".join(f"250-{line}\r\n" for line in (hostname, *keywords[:-1])).encode()
         self.ehlo += f"250 {keywords[-1] if keywords else ''}\r\n".encode()
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.connections = 0
+        self.proxied: list[bytes] = []
         self.received = bytearray()
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
@@ -2118,10 +2125,17 @@ class _SinkMTA:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        writer.write(f"220 {self.hostname} ESMTP sink\r\n".encode())
         mail_from, rcpts = "", []
         try:
-            while line := await reader.readline():
+            first = b""
+            if self.proxy:  # a PROXY v1 header first (certproxy server --proxy-protocol v1)
+                header = await reader.readline()
+                self.proxied.append(header)
+                if not header.startswith(b"PROXY "):
+                    return
+            writer.write(f"220 {self.hostname} ESMTP sink\r\n".encode())
+            while line := first or await reader.readline():
+                first = b""
                 self.received += line
                 verb = line[:4].upper()
                 if verb in (b"EHLO", b"HELO"):

@@ -54,7 +54,9 @@ class Postfix:
     """Postfix with its own config dir: a STARTTLS-required port and an implicit-TLS port that relay
     only for client certificates in relay_clientcerts (sha256); every delivery lands in ``spool``."""
 
-    def __init__(self, workdir: Path, cert: Path, key: Path, relay_clientcerts: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, cert: Path, key: Path, relay_clientcerts: dict[str, str],
+                 extra: dict[str, str] | None = None, main_extra: str = "") -> None:
+        """``extra``: more plain smtpd ports, name → master.cf ``-o`` options; their ports in ``ports``."""
         require_tool("postfix")
         # Postfix's unprivileged processes must reach these paths: pytest's tmp dirs are 0700.
         self.dir = Path(tempfile.mkdtemp(prefix="certproxy-postfix-"))
@@ -63,6 +65,9 @@ class Postfix:
         self.spool = self.dir / "spool"
         self.starttls_port = free_port()
         self.tls_port = free_port()
+        self.ports = {name: free_port() for name in extra or {}}
+        extra_lines = "".join(f"127.0.0.1:{self.ports[name]} inet n - n - - smtpd {opts}\n"
+                              for name, opts in (extra or {}).items())
         for d in (self.confdir, self.spool, self.dir / "queue", self.dir / "data"):
             d.mkdir(parents=True, exist_ok=True)
         self.spool.chmod(0o777)
@@ -107,11 +112,11 @@ local_transport = save
 alias_maps =
 alias_database =
 biff = no
-""")
+{main_extra}""")
         (self.confdir / "master.cf").write_text(f"""\
 127.0.0.1:{self.starttls_port} inet n - n - - smtpd -o smtpd_tls_security_level=encrypt
 127.0.0.1:{self.tls_port} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes
-pickup    unix  n       -       n       60      1       pickup
+{extra_lines}pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
 tlsmgr    unix  -       -       n       1000?   1       tlsmgr
@@ -143,6 +148,8 @@ save      unix  -       n       n       -       -       pipe flags=Rq user=nobod
         try:
             wait_port(self.starttls_port, what="postfix")
             wait_port(self.tls_port, what="postfix")
+            for port in self.ports.values():
+                wait_port(port, what="postfix")
         except RuntimeError as e:
             self.stop()
             raise RuntimeError(f"{e}\n{r.stdout}{r.stderr}\n{self.maillog()}") from None

@@ -45,8 +45,8 @@ async def service(certs):
 async def sink():
     sinks = []
 
-    async def start(name: str, keywords=("8BITMIME",)) -> certproxy._SinkMTA:
-        s = certproxy._SinkMTA(name, keywords)
+    async def start(name: str, keywords=("8BITMIME",), proxy=False) -> certproxy._SinkMTA:
+        s = certproxy._SinkMTA(name, keywords, proxy)
         await s.start()
         s.endpoint = f"127.0.0.1:{s.port}"
         sinks.append(s)
@@ -262,20 +262,21 @@ class TestProxyProtocolIn:
 class TestUntrustedBackend:
     @pytest.fixture
     async def pair(self, sink):
-        return await sink("trusted.test"), await sink("untrusted.test")
+        return await sink("trusted.test", proxy=True), await sink("untrusted.test", proxy=True)
 
     @pytest.mark.parametrize("mode", ["tls", "starttls"])
     @pytest.mark.parametrize("who,lands,cert", [("client", "trusted", "allowed"), (None, "untrusted", "none")])
     async def test_routing(self, certs, service, pair, mode, who, lands, cert, caplog):
         caplog.set_level(logging.INFO, "certproxy")
         trusted, untrusted = pair
-        svc = await service(mode, trusted.endpoint, client_cert="optional",
+        svc = await service(mode, trusted.endpoint, client_cert="optional", proxy_protocol="v1",
                             untrusted_backend=certproxy.Endpoint.parse(untrusted.endpoint, "x"))
         ctx = client_ctx(certs, getattr(certs, who) if who else None)
         assert await asyncio.to_thread(smtplib_send, svc.port, mode, ctx) == {}
         got = trusted if lands == "trusted" else untrusted
         other = untrusted if lands == "trusted" else trusted
         assert len(got.messages) == 1 and other.connections == 0
+        assert got.proxied[0].startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ")
         line = await session_line(caplog)
         assert f"cert={cert}" in line and f"backend={got.endpoint}" in line, line
 
@@ -283,7 +284,7 @@ class TestUntrustedBackend:
         # A certificate the handshake accepts (an --allow file) but the fingerprint list does not:
         # refused under `required`, routed to the untrusted backend under `optional`.
         trusted, untrusted = pair
-        svc = await service("tls", trusted.endpoint, client_cert="optional",
+        svc = await service("tls", trusted.endpoint, client_cert="optional", proxy_protocol="v1",
                             allow=(str(certs.client.cert), str(certs.other_client.cert)),
                             allow_fingerprints=certproxy.Pins.parse([certs.client.fp], "x"),
                             untrusted_backend=certproxy.Endpoint.parse(untrusted.endpoint, "x"))
@@ -298,7 +299,12 @@ class TestUntrustedBackend:
         with pytest.raises(certproxy.ConfigError, match="--untrusted-backend.*must differ"):
             certproxy.ServerConfig(listen=certproxy.Endpoint(host="127.0.0.1", port=0),
                                    backend=certproxy.Endpoint(host="127.0.0.1", port=25),
-                                   untrusted_backend=certproxy.Endpoint(host="127.0.0.1", port=25),
+                                   untrusted_backend=certproxy.Endpoint(host="127.0.0.1", port=25), xclient=True,
+                                   mode=certproxy.TLSMode.IMPLICIT, cert="x", allow=("x",), client_cert="optional")
+        with pytest.raises(certproxy.ConfigError, match="--untrusted-backend.*needs --xclient or --proxy-protocol"):
+            certproxy.ServerConfig(listen=certproxy.Endpoint(host="127.0.0.1", port=0),
+                                   backend=certproxy.Endpoint(host="127.0.0.1", port=25),
+                                   untrusted_backend=certproxy.Endpoint(host="127.0.0.1", port=26),
                                    mode=certproxy.TLSMode.IMPLICIT, cert="x", allow=("x",), client_cert="optional")
 
 

@@ -175,3 +175,115 @@ class TestFullTunnelProcesses:
         files = wait_files(out, 3)
         bodies = b"".join(f.read_bytes() for f in files)
         assert len(files) == 3 and all(f"tunnel message {i}".encode() in bodies for i in range(3))
+
+
+XCLIENT_OK = "-o smtpd_authorized_xclient_hosts=127.0.0.1"
+
+
+@pytest.fixture
+def fronted_postfix(tmp_path, certs):
+    """Postfix behind certproxy server, the ports an operator would set up:
+    ``trusted``: relays for an identity that XCLIENT names (permit_sasl_authenticated);
+    ``inbound``: strangers, mail for certproxy.test (relay_domains) only, told who they are by XCLIENT;
+    ``proxy``: PROXY protocol in, relays for 127.0.0.2 only (so the header is all that can make it relay)."""
+    extra = {
+        "trusted": f"{XCLIENT_OK} -o smtpd_sasl_auth_enable=yes "
+                   "-o smtpd_relay_restrictions=permit_sasl_authenticated,reject_unauth_destination",
+        "inbound": f"{XCLIENT_OK} -o smtpd_relay_restrictions=reject_unauth_destination",
+        "proxy": "-o smtpd_upstream_proxy_protocol=haproxy -o mynetworks=127.0.0.2/32 "
+                 "-o smtpd_relay_restrictions=permit_mynetworks,reject_unauth_destination",
+    }
+    with Postfix(tmp_path / "postfix", certs.server.cert, certs.server.key, {}, extra,
+                 main_extra="relay_domains = certproxy.test\n") as pf:
+        yield pf
+
+
+def cert_args(pair) -> list[str]:
+    return ["--tls-cert", str(pair.cert), "--tls-key", str(pair.key)]
+
+
+class TestServerInFrontOfPostfix:
+    """The MTA learns who the client really is (XCLIENT, PROXY protocol) and relays by identity."""
+
+    def test_xclient_identity_relays_and_shows_the_real_client(self, tmp_path, certs, fronted_postfix):
+        pf, port = fronted_postfix, free_port()
+        proc = certproxy(tmp_path, "server", "server", "--tls", "--listen", f"127.0.0.1:{port}",
+                         "--backend", f"127.0.0.1:{pf.ports['trusted']}", "--xclient",
+                         "--cert", str(certs.server.cert), "--key", str(certs.server.key),
+                         "--allow", str(certs.client.cert), "--allow-fingerprint", f"{certs.client.fp} alice",
+                         port=port)
+        try:
+            r = swaks(port, "-tlsc", *cert_args(certs.client), "--local-interface", "127.0.0.2")
+            log = proc.wait_log("session ")
+        finally:
+            proc.stop()
+        assert r.returncode == 0, r.stdout + pf.maillog()
+        msg = pf.messages(1)[0].decode()
+        assert "(unknown [127.0.0.2])" in msg and "with ESMTPA" in msg, msg  # the laptop, authenticated
+        assert "sasl_method=XCLIENT, sasl_username=alice" in pf.maillog()
+        assert "cert_name=alice" in log and "outcome=ok" in log
+
+    def test_a_client_cannot_send_xclient_itself(self, tmp_path, certs, fronted_postfix):
+        import smtplib
+        import ssl
+
+        pf, port = fronted_postfix, free_port()
+        proc = certproxy(tmp_path, "server", "server", "--tls", "--listen", f"127.0.0.1:{port}",
+                         "--backend", f"127.0.0.1:{pf.ports['trusted']}", "--xclient", "--cert",
+                         str(certs.server.cert), "--key", str(certs.server.key), "--allow", str(certs.client.cert),
+                         port=port)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.load_cert_chain(certs.client.cert, certs.client.key)
+        try:
+            # From an address outside smtpd_authorized_xclient_hosts, as every remote client is. (A
+            # client from an authorised address may XCLIENT anyway: it could talk to the port directly.)
+            with smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=30, source_address=("127.0.0.2", 0)) as s:
+                code, ehlo = s.ehlo("laptop.test")
+                again = s.docmd("XCLIENT", "LOGIN=postmaster ADDR=127.0.0.1")
+        finally:
+            proc.stop()
+        assert code == 250 and b"XCLIENT" not in ehlo
+        # Postfix judges XCLIENT against the address certproxy gave it (127.0.0.1 no longer): refused.
+        assert again[0] == 550 and b"insufficient authorization" in again[1], again
+
+    @pytest.mark.parametrize("mode,flag", [("starttls", "-tls"), ("tls", "-tlsc")])
+    def test_strangers_land_on_the_inbound_port(self, tmp_path, certs, fronted_postfix, mode, flag):
+        pf, port = fronted_postfix, free_port()
+        proc = certproxy(tmp_path, "server", "server", f"--{mode}", "--listen", f"127.0.0.1:{port}",
+                         "--backend", f"127.0.0.1:{pf.ports['trusted']}", "--client-cert", "optional",
+                         "--untrusted-backend", f"127.0.0.1:{pf.ports['inbound']}", "--xclient",
+                         "--cert", str(certs.server.cert), "--key", str(certs.server.key),
+                         "--allow", str(certs.client.cert), port=port)
+        try:
+            relay = swaks(port, flag, "--local-interface", "127.0.0.3", body="stranger relaying")
+            inbound = swaks(port, flag, "--local-interface", "127.0.0.3", "--to", "b@certproxy.test",
+                            body="stranger delivering")
+            laptop = swaks(port, flag, *cert_args(certs.client), body="laptop relaying")
+            log = proc.wait_log("cert=allowed")
+        finally:
+            proc.stop()
+        assert relay.returncode != 0 and "Relay access denied" in relay.stdout, relay.stdout
+        assert inbound.returncode == 0 and laptop.returncode == 0, inbound.stdout + laptop.stdout
+        msgs = {m.split(b"\n\n", 1)[1].strip(): m.decode() for m in pf.messages(2)}
+        assert "(unknown [127.0.0.3])" in msgs[b"stranger delivering"]
+        assert "with ESMTPA" in msgs[b"laptop relaying"]
+        assert f"backend=127.0.0.1:{pf.ports['inbound']}" in log and "cert=none" in log
+
+    @pytest.mark.parametrize("version", ["v1", "v2"])
+    def test_proxy_protocol_gives_postfix_the_real_address(self, tmp_path, certs, fronted_postfix, version):
+        pf, port = fronted_postfix, free_port()
+        proc = certproxy(tmp_path, "server", "server", "--tls", "--listen", f"127.0.0.1:{port}",
+                         "--backend", f"127.0.0.1:{pf.ports['proxy']}", "--proxy-protocol", version,
+                         "--cert", str(certs.server.cert), "--key", str(certs.server.key),
+                         "--allow", str(certs.client.cert), port=port)
+        try:
+            ok = swaks(port, "-tlsc", *cert_args(certs.client), "--local-interface", "127.0.0.2", body="from .2")
+            other = swaks(port, "-tlsc", *cert_args(certs.client), "--local-interface", "127.0.0.3", body="from .3")
+        finally:
+            proc.stop()
+        assert ok.returncode == 0, ok.stdout + pf.maillog()
+        # Postfix relays for 127.0.0.2 only: without the header both would be 127.0.0.1, alike.
+        assert other.returncode != 0 and "Relay access denied" in other.stdout, other.stdout
+        assert "(localhost [127.0.0.2])" in pf.messages(1)[0].decode() or \
+            "[127.0.0.2])" in pf.messages(1)[0].decode()

@@ -1295,6 +1295,7 @@ def _verify_server(cfg: ClientConfig, ep: Endpoint, transport: asyncio.Transport
 
 _session_ids = itertools.count(1)
 _WORKER: int | None = None  # with --workers N: this process's number, in every session line
+_REUSE_PORT = False  # with --workers N: every worker binds the same port (SO_REUSEPORT)
 
 
 def _kv(**facts: object) -> str:
@@ -1389,7 +1390,8 @@ class _Listener:
         ep = self.listen
         family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
         try:
-            self.sock = socket.create_server((ep.host, ep.port), family=family, backlog=LISTEN_BACKLOG)
+            self.sock = socket.create_server((ep.host, ep.port), family=family, backlog=LISTEN_BACKLOG,
+                                             reuse_port=_REUSE_PORT)
         except OSError as e:
             raise ConfigError("--listen", f"cannot listen on {ep}: {e.strerror or e}") from None
         self.sock.setblocking(False)
@@ -1527,7 +1529,7 @@ class ClientService(_Listener):
         finally:
             _close_all(local, upstream.pump if upstream else None)
             _log_event(logging.INFO if outcome == "ok" else logging.WARNING, "session", id=sid,
-                       service=self.service_name, peer=peer, **facts, bytes_up=local.nbytes,
+                       service=self.service_name, worker=_WORKER, peer=peer, **facts, bytes_up=local.nbytes,
                        bytes_down=upstream.pump.nbytes if upstream else 0,
                        duration=round(time.monotonic() - t0, 3), outcome=outcome, reason=reason)
 
@@ -2278,6 +2280,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="allow --listen on a non-loopback address (anyone reaching it can use your certificate)")
     c.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N", help="default %(default)s")
     _add_service_options(c)
+    _add_workers_option(c)
     c.set_defaults(func=_cmd_client)
 
     sv = sub.add_parser("server", help="mail-server side: mutual TLS in, plain SMTP to the local MTA")
@@ -2313,12 +2316,14 @@ def _build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-per-ip", type=int, default=MAX_PER_IP, metavar="N",
                     help="concurrent sessions from one address (default %(default)s, 0: no limit)")
     _add_service_options(sv)
+    _add_workers_option(sv)
     sv.set_defaults(func=_cmd_server)
 
     r = sub.add_parser("run", help="run every service in a TOML config file (SIGHUP reloads it)")
     r.add_argument("config", metavar="CONFIG.toml")
     r.add_argument("--grace", type=float, default=GRACE_S, metavar="SECONDS",
                    help="on SIGTERM, let live sessions finish this long (default %(default)s)")
+    _add_workers_option(r)
     r.set_defaults(func=_cmd_run)
     k = sub.add_parser("check", help="validate a TOML config file without starting anything")
     k.add_argument("config", metavar="CONFIG.toml")
@@ -2381,6 +2386,11 @@ def _add_service_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace", type=float, default=GRACE_S, metavar="SECONDS",
                    help="on SIGTERM, let live sessions finish this long (default %(default)s)")
     p.add_argument("--name", metavar="NAME", help="service name in the logs (default: client / server)")
+
+
+def _add_workers_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N processes sharing the listening port(s) (SO_REUSEPORT); default 1")
 
 
 def _timeouts(args: argparse.Namespace) -> Timeouts:
@@ -2504,6 +2514,10 @@ def load_config(path: str) -> dict[str, _Listener]:
                 raise ConfigError(where, "must be a table")
             if name in services:
                 raise ConfigError(where, "a service of this name is defined twice")
+            for key in ("workers", "grace"):
+                if key in table:
+                    raise ConfigError(f"{where} --{key}", f"applies to the whole process: give it on the command "
+                                                         f"line, certproxy run --{key} ... {path}")
             sub = subparsers[kind]
             sub.error = _raise_usage(where)
             try:
@@ -2595,24 +2609,103 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
-def _supervise(loader, grace: float) -> int:
+def _supervise(loader, grace: float, workers: int = 1) -> int:
     services = loader()  # configuration errors surface here, before anything listens
+    if workers > 1:
+        return _run_workers(loader, grace, workers, services)
     first = [services]
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_Supervisor(lambda: first.pop() if first else loader(), grace).run())
     return 0
 
 
+def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -> int:
+    """--workers N: N forked processes, each running every service on the same ports (SO_REUSEPORT:
+    the kernel spreads new connections across them). The parent only forwards SIGHUP / SIGTERM /
+    SIGINT and restarts a worker that dies; a worker that cannot start (exit 2) stops them all."""
+    global _WORKER, _REUSE_PORT
+    for name, svc in services.items():
+        if svc.listen.port == 0:
+            raise ConfigError("--workers", f"[{name}] needs a fixed --listen port (not 0) to share between workers")
+    children: dict[int, int] = {}
+    state = {"stopping": False}
+
+    def spawn(number: int) -> None:
+        global _WORKER, _REUSE_PORT
+        pid = os.fork()
+        if pid:
+            children[pid] = number
+            return
+        code = 1
+        try:  # the worker: a process of its own from here on
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            _WORKER, _REUSE_PORT = number, True
+            code = _supervise(loader, grace)
+        except ConfigError as e:
+            log.error("worker %d: %s", number, e)
+            code = 2
+        except BaseException:
+            log.exception("worker %d failed", number)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def forward(sig: int, _frame) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            state["stopping"] = True
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    for number in range(1, n + 1):
+        spawn(number)
+    _log_event(logging.INFO, "workers", count=n, pids=",".join(str(p) for p in children))
+    status = 0
+    while children:
+        try:
+            pid, raw = os.wait()
+        except ChildProcessError:
+            break
+        number = children.pop(pid, None)
+        if number is None:
+            continue
+        code = os.waitstatus_to_exitcode(raw)
+        if state["stopping"]:
+            continue
+        if code == 2:
+            _log_event(logging.ERROR, "worker", worker=number, pid=pid, outcome="failed",
+                       reason="could not start (see its error above); stopping all workers")
+            status = 2
+            forward(signal.SIGTERM, None)
+            continue
+        _log_event(logging.ERROR, "worker", worker=number, pid=pid, outcome="died", code=code,
+                   action="restarting it in 1 s")
+        time.sleep(1)
+        spawn(number)
+    return status
+
+
+def _workers(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ConfigError("--workers", "must be at least 1")
+    return args.workers
+
+
 def _cmd_client(args: argparse.Namespace) -> int:
-    return _supervise(lambda: {"client": ClientService(client_config_from_args(args))}, args.grace)
+    return _supervise(lambda: {"client": ClientService(client_config_from_args(args))}, args.grace, _workers(args))
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    return _supervise(lambda: {"server": ServerService(server_config_from_args(args))}, args.grace)
+    return _supervise(lambda: {"server": ServerService(server_config_from_args(args))}, args.grace, _workers(args))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return _supervise(lambda: load_config(args.config), args.grace)
+    return _supervise(lambda: load_config(args.config), args.grace, _workers(args))
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -254,3 +254,53 @@ class TestJsonLogs:
         sessions = [e for e in events if e.get("event") == "session" and e.get("cert_fp")]
         assert sessions and sessions[-1]["cert_fp"] == certs.client.fp and sessions[-1]["service"] == "server"
         assert isinstance(sessions[-1]["bytes_in"], int) and "time" in sessions[-1]
+
+
+class TestWorkers:
+    def test_two_workers_serve_one_port_and_stop_together(self, tmp_path, certs, sink_mta):
+        import re
+
+        port = free_port()
+        log = tmp_path / "workers.log"
+        proc = Process([sys.executable, str(ROOT / "certproxy.py"), "server", "--tls", "--workers", "2",
+                        "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{sink_mta.port}",
+                        "--cert", str(certs.server.cert), "--key", str(certs.server.key),
+                        "--allow", str(certs.client.cert), "--hostname", "mx.certproxy.test"], port, log)
+        try:
+            deadline = time.monotonic() + 20
+            while log.read_text().count("listening ") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            pids = re.search(r"workers count=2 pids=(\d+),(\d+)", log.read_text())
+            assert pids, log.read_text()
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            ctx.load_cert_chain(certs.client.cert, certs.client.key)
+            for _ in range(24):  # SO_REUSEPORT hashes each new connection to one of the two
+                with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as s:
+                    assert s.recv(1024).startswith(b"220 backend.test")
+                    s.sendall(b"QUIT\r\n")
+                    s.recv(1024)
+            deadline = time.monotonic() + 20
+            while log.read_text().count("session ") < 24 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            served = set(re.findall(r"session id=\d+ service=server worker=(\d)", log.read_text()))
+            assert served == {"1", "2"}, log.read_text()
+            proc.proc.send_signal(signal.SIGHUP)  # forwarded: both workers reload
+            deadline = time.monotonic() + 20
+            while log.read_text().count("reload outcome=ok") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert log.read_text().count("reload outcome=ok") == 2, log.read_text()
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.wait(20) == 0
+        finally:
+            proc.stop()
+        for pid in pids.groups():  # the workers went with the parent
+            with pytest.raises(ProcessLookupError):
+                import os
+                os.kill(int(pid), 0)
+        assert log.read_text().count("stopped") == 2
+
+    def test_workers_need_a_fixed_port(self, certs):
+        r = cli("server", "--tls", "--workers", "2", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:25",
+                "--cert", str(certs.server.cert), "--key", str(certs.server.key), "--allow", str(certs.client.cert))
+        assert r.returncode == 2 and "--workers: [server] needs a fixed --listen port" in r.stderr, r.stderr

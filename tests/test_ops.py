@@ -304,3 +304,20 @@ class TestWorkers:
         r = cli("server", "--tls", "--workers", "2", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:25",
                 "--cert", str(certs.server.cert), "--key", str(certs.server.key), "--allow", str(certs.client.cert))
         assert r.returncode == 2 and "--workers: [server] needs a fixed --listen port" in r.stderr, r.stderr
+
+
+class TestReadmeUnit:
+    def test_systemd_unit_in_the_readme_verifies(self, tmp_path):
+        import shutil
+
+        if not shutil.which("systemd-analyze"):
+            pytest.skip("systemd-analyze not installed")
+        text = (ROOT / "README.md").read_text()
+        block = text.split("<!-- systemd-unit -->\n")[1].split("<!-- /systemd-unit -->")[0]
+        unit = "\n".join(line[4:] for line in block.splitlines()) + "\n"
+        assert "ExecStart=/usr/local/bin/certproxy run /etc/certproxy/%i.toml" in unit
+        # verify checks that the executables exist: point them at one that does
+        (tmp_path / "certproxy@mx.service").write_text(unit.replace("/usr/local/bin/certproxy", "/bin/true"))
+        r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "certproxy@mx.service")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "certproxy@mx.service" not in r.stderr, r.stderr

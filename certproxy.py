@@ -1752,8 +1752,12 @@ class ServerService(_Listener):
                 raise SessionError("", "TLS handshake timed out") from None
             if not isinstance(e, (OSError, ssl.SSLError)):
                 raise
-            raise PeerRejected("", f"TLS handshake failed: {_describe(e)} (an unknown client certificate "
-                                   "fails here: add it with --allow, or issue it from --client-ca)") from None
+            if not isinstance(e, ssl.SSLError):  # a reset or EOF: a port probe, or a client giving up
+                raise SessionError("", f"client closed the connection during the TLS handshake ({_describe(e)})") \
+                    from None
+            hint = " (an unknown client certificate fails here: add it with --allow, or issue it from --client-ca)" \
+                if "CERTIFICATE" in str(e.reason or e).upper() else ""
+            raise PeerRejected("", f"TLS handshake failed: {_describe(e)}{hint}") from None
         pump.connection_made(transport)
         return pump
 

@@ -337,3 +337,23 @@ class TestOnePortBothModes:
         assert (await read_reply(reader)).startswith(b"530 5.7.0")
         writer.close()
         assert backend.connections == 0
+
+
+class TestHandshakeFailureLines:
+    async def test_stranger_and_probe_are_told_apart(self, certs, service, sink, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        backend = await sink("b")
+        svc = await service("tls", backend.endpoint)
+        try:  # TLS 1.3: the client learns of the rejection after its own handshake, as an alert or EOF
+            r, w, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.other_client))
+            assert greeting == b""
+            w.close()
+        except (ssl.SSLError, ConnectionError):
+            pass
+        line = await session_line(caplog)
+        assert "outcome=refused" in line and "unknown client certificate fails here" in line, line
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)  # a port probe
+        writer.close()
+        line = await session_line(caplog, count=2)
+        assert "client closed the connection during the TLS handshake" in line and "outcome=failed" in line, line
+        assert backend.connections == 0

@@ -214,7 +214,7 @@ class TestServerInFrontOfPostfix:
                          port=port)
         try:
             r = swaks(port, "-tlsc", *cert_args(certs.client), "--local-interface", "127.0.0.2")
-            log = proc.wait_log("session ")
+            log = proc.wait_log("cert_name=")
         finally:
             proc.stop()
         assert r.returncode == 0, r.stdout + pf.maillog()

@@ -179,6 +179,39 @@ class TestReloadAndDrain:
         finally:
             proc.stop()
 
+    def test_reload_serves_a_renewed_certificate_to_the_next_connection(self, tmp_path, certs, sink_mta):
+        import shutil
+
+        port = free_port()
+        cert, key = tmp_path / "mx.pem", tmp_path / "mx.key"
+        shutil.copy(certs.server.cert, cert)
+        shutil.copy(certs.server.key, key)
+        conf = tmp_path / "c.toml"
+        conf.write_text(server_table(certs, port, sink_mta.port).replace(str(certs.server.cert), str(cert))
+                        .replace(str(certs.server.key), str(key)))
+        proc = Process([sys.executable, str(ROOT / "certproxy.py"), "run", str(conf)], port, tmp_path / "run.log")
+
+        def served_fp(sock: ssl.SSLSocket) -> str:
+            return certproxy.format_fingerprint(certproxy.cert_fingerprint(sock.getpeercert(binary_form=True)))
+
+        try:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            ctx.load_cert_chain(certs.client.cert, certs.client.key)
+            live = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
+            assert live.recv(1024).startswith(b"220") and served_fp(live) == certs.server.fp
+            shutil.copy(certs.other_server.cert, cert)  # the renewal: same paths, new certificate and key
+            shutil.copy(certs.other_server.key, key)
+            proc.proc.send_signal(signal.SIGHUP)
+            assert "reload outcome=ok" in proc.wait_log("reload outcome=ok")
+            with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as fresh:
+                assert fresh.recv(1024).startswith(b"220") and served_fp(fresh) == certs.other_server.fp
+            live.sendall(b"NOOP\r\n")  # the session from before the reload goes on, on the old certificate
+            assert live.recv(1024).startswith(b"250")
+            live.close()
+        finally:
+            proc.stop()
+
     def test_sigterm_lets_live_sessions_finish(self, tmp_path, certs, sink_mta):
         port = free_port()
         conf = tmp_path / "c.toml"

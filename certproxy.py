@@ -294,7 +294,7 @@ class ClientConfig:
 class ServerConfig:
     name: str = "server"
     listen: Endpoint
-    backend: Endpoint
+    backend: Endpoint | None
     mode: TLSMode
     cert: str
     key: str | None = None
@@ -302,8 +302,9 @@ class ServerConfig:
     client_ca: str | None = None
     allow_fingerprints: Pins = Pins(frozenset())
     hostname: str = ""
-    client_cert: str = "required"  # required: no allowed certificate, no entry; optional: see untrusted_backend
-    untrusted_backend: Endpoint | None = None  # where clients without an allowed certificate go (optional)
+    client_cert: str = "required"  # required | optional | none: see _route
+    starttls_optional: bool = False  # a STARTTLS listener that also admits clients who never say STARTTLS
+    untrusted_backend: Endpoint | None = None  # where clients without an allowed certificate go
     xclient: bool = False  # tell the backend the client's address and certificate name (XCLIENT)
     proxy_protocol: str | None = None  # "v1" / "v2": a PROXY header to the backend(s)
     proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # load balancers sending PROXY
@@ -312,24 +313,38 @@ class ServerConfig:
     timeouts: Timeouts = Timeouts()
 
     def __post_init__(self) -> None:
-        if self.client_cert not in ("required", "optional"):
-            raise ConfigError("--client-cert", f"{self.client_cert!r}: expected required or optional")
-        if self.client_cert == "optional" and self.untrusted_backend is None:
-            raise ConfigError("--untrusted-backend", "--client-cert optional needs --untrusted-backend HOST:PORT "
-                                                     "(where clients without an allowed certificate go; never the "
-                                                     "port your MTA trusts)")
-        if self.untrusted_backend is not None and self.client_cert != "optional":
-            raise ConfigError("--untrusted-backend", "is only used with --client-cert optional")
+        if self.client_cert not in ("required", "optional", "none"):
+            raise ConfigError("--client-cert", f"{self.client_cert!r}: expected required, optional or none")
+        if self.starttls_optional and self.mode is TLSMode.IMPLICIT:
+            raise ConfigError("--starttls-optional", "needs --starttls (a port that speaks SMTP before TLS)")
+        if self.starttls_optional and self.client_cert == "required":
+            raise ConfigError("--starttls-optional", "admits clients without TLS, hence without a certificate: "
+                                                     "use --client-cert optional or none")
+        if self.client_cert != "required" and self.untrusted_backend is None:
+            raise ConfigError("--untrusted-backend", f"--client-cert {self.client_cert} needs --untrusted-backend "
+                                                     "HOST:PORT (where clients without an allowed certificate go; "
+                                                     "never the port your MTA trusts)")
+        if self.untrusted_backend is not None and self.client_cert == "required":
+            raise ConfigError("--untrusted-backend", "is only used with --client-cert optional or none")
+        if self.client_cert == "none":
+            if self.backend is not None:
+                raise ConfigError("--backend", "with --client-cert none no client proves who it is, so none may "
+                                               "reach the trusted --backend: give only --untrusted-backend")
+            if self.allow or self.client_ca or self.allow_fingerprints.digests:
+                raise ConfigError("--allow", "--client-cert none asks for no certificate: drop --allow, "
+                                             "--client-ca and --allow-fingerprint")
+        elif self.backend is None:
+            raise ConfigError("--backend", "is required (the MTA port for clients with an allowed certificate)")
         if self.untrusted_backend is not None and not (self.xclient or self.proxy_protocol):
             raise ConfigError("--untrusted-backend", "needs --xclient or --proxy-protocol: every connection "
                                                      "certproxy makes comes from 127.0.0.1, so the untrusted port "
                                                      "must be told the client's real address to judge it")
-        if self.untrusted_backend == self.backend:
+        if self.untrusted_backend is not None and self.untrusted_backend == self.backend:
             raise ConfigError("--untrusted-backend", "must differ from --backend: the backend trusts whoever "
                                                      "arrives on it")
         if self.proxy_protocol not in (None, "v1", "v2"):
             raise ConfigError("--proxy-protocol", f"{self.proxy_protocol!r}: expected v1 or v2")
-        if not self.allow and not self.client_ca:
+        if not self.allow and not self.client_ca and self.client_cert != "none":
             raise ConfigError("--allow", "give --allow CERT (or DIR) and/or --client-ca FILE: "
                                          "refusing to let clients in without checking their certificates")
         if self.allow_fingerprints.digests and not self.client_ca and not self.allow:
@@ -484,7 +499,7 @@ def server_context(cfg: ServerConfig) -> tuple[ssl.SSLContext, ClientPolicy]:
     ctx.num_tickets = 0
     # OPTIONAL, not REQUIRED: a client without a certificate then completes the handshake and can be
     # told "530 5.7.0 client certificate required" inside TLS instead of getting a bare alert.
-    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.verify_mode = ssl.CERT_NONE if cfg.client_cert == "none" else ssl.CERT_OPTIONAL
     _load_cert_chain(ctx, cfg.cert, cfg.key)
     allowed = set()
     for path in _allow_files(cfg.allow):
@@ -525,7 +540,7 @@ def tls_facts(transport: asyncio.BaseTransport) -> dict[str, str]:
     if sslobj is None:
         return {}
     cipher = sslobj.cipher()
-    facts = {"tls": sslobj.version() or "?", "cipher": cipher[0] if cipher else "?"}
+    facts = {"tls_version": sslobj.version() or "?", "cipher": cipher[0] if cipher else "?"}
     if sslobj.session_reused:
         facts["resumed"] = "yes"
     return facts
@@ -689,6 +704,7 @@ class StartTLSClient:
 class _GateState(enum.Enum):
     OPEN = "open"
     STARTTLS = "starttls"  # the 220 to STARTTLS is out: TLS starts now
+    HANDOVER = "handover"  # --starttls-optional: a client staying in clear sent a mail command
     CLOSED = "closed"
 
 
@@ -699,13 +715,22 @@ class SMTPGate:
     Bytes in (``receive_data``), bytes out. Bounded: line length, errors, commands. At STARTTLS,
     anything already buffered behind the command is an injection attempt (CVE-2011-0411) and
     raises ProtocolError: nothing pipelined in clear may ever be read as if it came inside TLS.
+
+    With ``optional`` (--starttls-optional), a client that stays in clear and sends a mail command
+    ends the dialogue in HANDOVER: ``helo`` is its last EHLO/HELO line and ``pending`` that command
+    with whatever followed it, to be replayed to the untrusted backend.
     """
 
-    __slots__ = ("hostname", "refusal", "state", "_buf", "errors", "commands", "reason")
+    __slots__ = ("hostname", "refusal", "optional", "state", "_buf", "errors", "commands", "reason", "helo",
+                 "pending", "_raw")
 
-    def __init__(self, hostname: str, *, refusal: str | None = None) -> None:
+    def __init__(self, hostname: str, *, refusal: str | None = None, optional: bool = False) -> None:
         self.hostname = hostname
         self.refusal = refusal
+        self.optional = optional
+        self.helo = b""
+        self.pending = b""
+        self._raw = b""
         self.state = _GateState.OPEN
         self._buf = bytearray()
         self.errors = 0
@@ -728,7 +753,8 @@ class SMTPGate:
                 break
             if end + 1 > MAX_COMMAND_LINE:
                 return self._close(out, "500 5.5.2 line too long", "client sent a command line over 512 octets")
-            line = bytes(self._buf[:end]).rstrip(b"\r")
+            self._raw = bytes(self._buf[: end + 1])
+            line = self._raw[:-1].rstrip(b"\r")
             del self._buf[: end + 1]
             out.append(self._command(line))
             self.commands += 1
@@ -756,6 +782,7 @@ class SMTPGate:
             if not arg:
                 self.errors += 1
                 return f"501 5.5.4 Syntax: {verb} hostname\r\n".encode()
+            self.helo = self._raw
             if verb == "EHLO" and self.refusal is None:
                 # Only STARTTLS: nothing that invites pipelining or anything else before TLS.
                 return f"250-{host}\r\n250 STARTTLS\r\n".encode()
@@ -772,6 +799,11 @@ class SMTPGate:
                 return b"501 5.5.4 Syntax: STARTTLS takes no arguments\r\n"
             self.state = _GateState.STARTTLS
             return b"220 2.0.0 Ready to start TLS\r\n"
+        if self.optional and self.refusal is None and verb != "STARTTLS":
+            self.state = _GateState.HANDOVER
+            self.pending = self._raw + bytes(self._buf)
+            self._buf.clear()
+            return b""
         self.errors += 1
         if self.refusal is not None:
             return self.refusal.encode() + b"\r\n"
@@ -1508,7 +1540,7 @@ class ClientService(_Listener):
                 upstream.transport.close()
                 outcome, reason = "client-gone", "local client left before the tunnel was up"
                 return
-            if facts["mode"] == TLSMode.STARTTLS.value:
+            if facts["tls"] == "starttls":
                 local.transport.write(
                     f"220 {self.cfg.ehlo} ESMTP certproxy: TLS to {facts['upstream']} verified\r\n".encode())
             splice = _Splice(local, upstream.pump, self.cfg.timeouts.idle)
@@ -1542,7 +1574,7 @@ class ClientService(_Listener):
                 failures.append((e, str(up.endpoint)))
                 continue
             conn.facts["upstream"] = str(up.endpoint)
-            conn.facts["mode"] = up.mode.value
+            conn.facts["tls"] = "implicit" if up.mode is TLSMode.IMPLICIT else "starttls"
             return conn, failures
         return None, failures
 
@@ -1635,7 +1667,7 @@ class ServerService(_Listener):
         await self._listen()
         cfg = self.cfg
         _log_event(logging.INFO, "listening", service=self.service_name, role="server",
-                   listen=f"{self.listen.host}:{self.port}", mode=cfg.mode.value, backend=str(cfg.backend),
+                   listen=f"{self.listen.host}:{self.port}", mode=cfg.mode.value, backend=cfg.backend and str(cfg.backend),
                    untrusted_backend=cfg.untrusted_backend and str(cfg.untrusted_backend),
                    client_cert=cfg.client_cert, xclient="yes" if cfg.xclient else None,
                    proxy_protocol=cfg.proxy_protocol)
@@ -1662,26 +1694,31 @@ class ServerService(_Listener):
             if mode is None:
                 outcome, reason = "closed", "client left before saying anything"
                 return
-            facts["mode"] = mode.value
+            facts["tls"] = "implicit" if mode is TLSMode.IMPLICIT else "starttls"
             raw = False
+            gate = None
             if mode is TLSMode.STARTTLS:
                 client = tls_pump = await _adopt(sock)
-                gate = SMTPGate(hostname)
+                gate = SMTPGate(hostname, optional=cfg.starttls_optional)
                 client.transport.write(gate.greeting())
                 if not await self._converse(client, gate, cfg.timeouts.dialogue):
                     outcome, reason = "closed", gate.reason or "client left before STARTTLS"
                     return
-                tls_pump = await self._handshake(ctx, cfg, client)
+            if gate is not None and gate.state is _GateState.HANDOVER:
+                # --starttls-optional: a client staying in clear is a stranger, whatever it claims.
+                facts["tls"], facts["cert"] = "none", "none"
+                route, login = cfg.untrusted_backend, None
             else:
-                tls_pump = await self._handshake(ctx, cfg, None, sock)
-            facts.update(tls_facts(tls_pump.transport))
-            route, login, refusal = self._route(cfg, policy, peer_certificate(tls_pump.transport), facts)
-            if route is None:
-                outcome, reason = "refused", refusal[1]
-                await self._refuse(tls_pump, refusal[0], mode, hostname, cfg.timeouts.dialogue)
-                return
+                tls_pump = await self._handshake(ctx, cfg, tls_pump if gate else None, sock)
+                facts.update(tls_facts(tls_pump.transport))
+                route, login, refusal = self._route(cfg, policy, peer_certificate(tls_pump.transport), facts)
+                if route is None:
+                    outcome, reason = "refused", refusal[1]
+                    await self._refuse(tls_pump, refusal[0], mode, hostname, cfg.timeouts.dialogue)
+                    return
+                gate = None
             facts["backend"] = str(route)
-            backend = await self._open_backend(cfg, tls_pump, route, src, dst, login, mode, hostname)
+            backend = await self._open_backend(cfg, tls_pump, route, src, dst, login, mode, hostname, gate)
             backend.filter = HideExtensions()  # the client is inside TLS already: STARTTLS there is a lie
             splice = _Splice(tls_pump, backend, cfg.timeouts.idle)
             await splice.done
@@ -1726,8 +1763,8 @@ class ServerService(_Listener):
                     return False
                 if out:
                     pump.transport.write(out)
-                if gate.state is _GateState.STARTTLS:
-                    return True  # reading is paused: nothing more is read in clear
+                if gate.state in (_GateState.STARTTLS, _GateState.HANDOVER):
+                    return True  # reading is paused: nothing more is read in clear until decided
 
     async def _handshake(self, ctx: ssl.SSLContext, cfg: ServerConfig, client: _Pump | None,
                          sock: socket.socket | None = None) -> _Pump:
@@ -1780,8 +1817,9 @@ class ServerService(_Listener):
                 return cfg.backend, name, ("", "")
             refusal = ("554 5.7.1 certificate not authorised", why)
             facts["cert"] = "refused"
-        if cfg.client_cert == "optional":
-            facts["untrusted"] = refusal[1]
+        if cfg.client_cert != "required":
+            if cfg.client_cert == "optional":
+                facts["untrusted"] = refusal[1]
             return cfg.untrusted_backend, None, ("", "")
         return None, None, refusal
 
@@ -1800,9 +1838,11 @@ class ServerService(_Listener):
             pump.transport.close()
 
     async def _open_backend(self, cfg: ServerConfig, client: _Pump, ep: Endpoint, src: Address, dst: Address,
-                            login: str | None, mode: TLSMode, hostname: str) -> _Pump:
+                            login: str | None, mode: TLSMode, hostname: str, handover: SMTPGate | None = None) -> _Pump:
         """Connect to the MTA, [PROXY header], consume its greeting, [XCLIENT]. In implicit TLS the
-        client has heard nothing yet, so the MTA's (last) greeting becomes the client's."""
+        client has heard nothing yet, so the MTA's (last) greeting becomes the client's. A
+        ``handover`` (a client in clear under --starttls-optional) has talked to us already: its
+        EHLO/HELO is replayed and the reply swallowed, then its pending command goes on."""
         loop = asyncio.get_running_loop()
         pump = _Pump()
         who = f"backend {ep}"
@@ -1818,6 +1858,12 @@ class ServerService(_Listener):
                                         else f"greeted with {greeting.code} {greeting.lines[0]}")
                 if cfg.xclient:
                     greeting = await self._xclient(pump, hostname, src, login)
+                if handover is not None and handover.helo:
+                    pump.transport.write(handover.helo)
+                    reply = await _read_reply(pump, keep=False, who=who)
+                    if reply is None or reply.code // 100 != 2:
+                        got = "closed the connection" if reply is None else f"{reply.code} {reply.lines[0]}"
+                        raise ProtocolError("", f"refused the client's replayed {handover.helo[:4].decode()}: {got}")
         except (OSError, TimeoutError, asyncio.TimeoutError, ProtocolError) as e:
             if pump.transport is not None:
                 pump.transport.abort()
@@ -1826,6 +1872,8 @@ class ServerService(_Listener):
                                why if why.startswith(who) else f"{who}: {why}") from None
         if mode is TLSMode.IMPLICIT:
             client.transport.write(greeting.encode())
+        if handover is not None:
+            pump.transport.write(handover.pending)
         return pump
 
     @staticmethod
@@ -2088,7 +2136,7 @@ async def _probe(args: argparse.Namespace) -> int:
     facts = tls_facts(transport)
     requested = "unknown (needs Python's ssl message callback)" if asked is None else ("yes" if asked else "no")
     transport.abort()
-    print(f"{ep} ({up.mode.value})\n  TLS        {facts['tls']} {facts['cipher']}\n"
+    print(f"{ep} ({up.mode.value})\n  TLS        {facts['tls_version']} {facts['cipher']}\n"
           f"  asked for a client certificate: {requested}\n  chain as sent by the server:")
     for i, cert_der in enumerate(ders):
         info = certificate_summary(cert_der)
@@ -2288,7 +2336,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_client)
 
     sv = sub.add_parser("server", help="mail-server side: mutual TLS in, plain SMTP to the local MTA")
-    sv.add_argument("--backend", required=True, metavar="HOST:PORT", help="the MTA, e.g. 127.0.0.1:10025")
+    sv.add_argument("--backend", metavar="HOST:PORT",
+                    help="the MTA port for clients with an allowed certificate, e.g. 127.0.0.1:10025")
     sv.add_argument("--listen", metavar="HOST:PORT", help="default 0.0.0.0:465 with --tls, 0.0.0.0:587 with --starttls")
     sv.add_argument("--tls", action="store_true", help="implicit TLS (port 465); with --starttls: both on one port")
     sv.add_argument("--starttls", action="store_true", help="STARTTLS (ports 25/587)")
@@ -2300,9 +2349,11 @@ def _build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allow-fingerprint", action="append", default=[], metavar="'FP [NAME]'",
                     help="narrow --client-ca / --allow to these certificate or public-key SHA-256s; "
                          "NAME is who the certificate is (XCLIENT LOGIN, logs)")
-    sv.add_argument("--client-cert", choices=("required", "optional"), default="required",
+    sv.add_argument("--client-cert", choices=("required", "optional", "none"), default="required",
                     help="required (default): no allowed certificate, no entry; optional: such clients go to "
-                         "--untrusted-backend")
+                         "--untrusted-backend; none: ask for none, everyone goes there")
+    sv.add_argument("--starttls-optional", action="store_true",
+                    help="with --starttls: also admit clients that never send STARTTLS (to --untrusted-backend)")
     sv.add_argument("--optional-client-cert", dest="client_cert", action="store_const", const="optional",
                     help="same as --client-cert optional")
     sv.add_argument("--untrusted-backend", metavar="HOST:PORT",
@@ -2443,7 +2494,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         name=args.name or "server",
         listen=Endpoint.parse(listen, "--listen"),
-        backend=Endpoint.parse(args.backend, "--backend"),
+        backend=args.backend and Endpoint.parse(args.backend, "--backend"),
         mode=mode,
         cert=args.cert,
         key=args.key,
@@ -2452,6 +2503,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow_fingerprints=Pins.parse(args.allow_fingerprint, "--allow-fingerprint"),
         hostname=args.hostname,
         client_cert=args.client_cert,
+        starttls_optional=args.starttls_optional,
         untrusted_backend=args.untrusted_backend and Endpoint.parse(args.untrusted_backend, "--untrusted-backend"),
         xclient=args.xclient,
         proxy_protocol=args.proxy_protocol,

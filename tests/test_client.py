@@ -50,7 +50,7 @@ class TestHappyPath:
         assert subject["commonName"] == "laptop"
         await asyncio.sleep(0.1)
         line = await session_line(caplog)
-        for fact in ("outcome=ok", f"upstream={up.endpoint}", f"mode={mode}", "tls=TLSv1.3", "cipher=",
+        for fact in ("outcome=ok", f"upstream={up.endpoint}", f"tls={'implicit' if mode == 'tls' else mode}", "tls_version=TLSv1.3", "cipher=",
                      "server_fp=", "bytes_up=", "bytes_down=", "duration=", "peer=127.0.0.1:"):
             assert fact in line, line
 

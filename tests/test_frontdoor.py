@@ -316,7 +316,7 @@ class TestOnePortBothModes:
         svc = await service("both", backend.endpoint)
         assert await asyncio.to_thread(smtplib_send, svc.port, mode, client_ctx(certs, certs.client)) == {}
         line = await session_line(caplog)
-        assert f"mode={mode} " in line and "outcome=ok" in line, line
+        assert f"tls={'implicit' if mode == 'tls' else mode} " in line and "outcome=ok" in line, line
 
     async def test_tls_client_is_not_kept_waiting(self, certs, service, sink, monkeypatch):
         # With the fallback wait set far beyond read_reply's timeout, a TLS client only gets its

@@ -50,7 +50,7 @@ class TestConfigErrors:
         ("[server.mx]\nbackend = \"127.0.0.1:25\"\ncert = \"{server}\"\nallow = [\"{client}\"]\n",
          "[server.mx] --tls: say --tls (implicit TLS), --starttls, or both"),
         ("[server.mx]\ntls = true\ncert = \"{server}\"\nallow = [\"{client}\"]\n",
-         "[server.mx] option: the following arguments are required: --backend"),
+         "[server.mx] --backend: is required (the MTA port for clients with an allowed certificate)"),
         ("[server.mx]\ntls = true\nbackend = \"127.0.0.1:25\"\ncert = \"{server}\"\nallow = [\"{client}\"]\n"
          "idle-timeout = -1\n", "[server.mx] --idle-timeout: must be a positive number"),
         ("[relay.x]\n", "unknown table(s) relay"),

@@ -94,7 +94,7 @@ class TestHappyPath:
         assert backend.received.lower().startswith(b"ehlo laptop.test\r\nmail from:<a@laptop.test>")
         await asyncio.sleep(0.1)
         line = await session_line(caplog)
-        for fact in ("outcome=ok", f"cert_fp={certs.client.fp}", 'cert_subject="CN=laptop"', "tls=TLSv1.3",
+        for fact in ("outcome=ok", f"cert_fp={certs.client.fp}", 'cert_subject="CN=laptop"', "tls_version=TLSv1.3",
                      f"backend={backend.endpoint}", "bytes_in=", "bytes_out="):
             assert fact in line, line
 

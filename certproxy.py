@@ -722,7 +722,7 @@ class SMTPGate:
     """
 
     __slots__ = ("hostname", "refusal", "optional", "state", "_buf", "errors", "commands", "reason", "helo",
-                 "pending", "_raw")
+                 "pending", "_raw", "refused_clear")
 
     def __init__(self, hostname: str, *, refusal: str | None = None, optional: bool = False) -> None:
         self.hostname = hostname
@@ -730,6 +730,7 @@ class SMTPGate:
         self.optional = optional
         self.helo = b""
         self.pending = b""
+        self.refused_clear = False  # a mail command in clear got 530
         self._raw = b""
         self.state = _GateState.OPEN
         self._buf = bytearray()
@@ -791,7 +792,7 @@ class SMTPGate:
             return b"250 2.0.0 Ok\r\n"
         if verb == "QUIT":
             self.state = _GateState.CLOSED
-            self.reason = self.reason or "client quit"
+            self.reason = f"{self.reason}; the client quit" if self.reason else "client quit"
             return b"221 2.0.0 Bye\r\n"
         if verb == "STARTTLS" and self.refusal is None:
             if arg:
@@ -809,6 +810,8 @@ class SMTPGate:
             return self.refusal.encode() + b"\r\n"
         if verb == "STARTTLS":
             return b"554 5.5.1 TLS already active\r\n"
+        self.refused_clear = True
+        self.reason = f"{verb or 'empty line'} in clear refused (530 Must issue a STARTTLS command first)"
         return b"530 5.7.0 Must issue a STARTTLS command first\r\n"
 
 
@@ -1694,7 +1697,7 @@ class ServerService(_Listener):
             if mode is None:
                 outcome, reason = "closed", "client left before saying anything"
                 return
-            facts["tls"] = "implicit" if mode is TLSMode.IMPLICIT else "starttls"
+            facts["tls"] = "implicit" if mode is TLSMode.IMPLICIT else "none"  # "starttls" once it has
             raw = False
             gate = None
             if mode is TLSMode.STARTTLS:
@@ -1702,7 +1705,8 @@ class ServerService(_Listener):
                 gate = SMTPGate(hostname, optional=cfg.starttls_optional)
                 client.transport.write(gate.greeting())
                 if not await self._converse(client, gate, cfg.timeouts.dialogue):
-                    outcome, reason = "closed", gate.reason or "client left before STARTTLS"
+                    outcome = "refused" if gate.refused_clear else "closed"
+                    reason = gate.reason or "client left before STARTTLS"
                     return
             if gate is not None and gate.state is _GateState.HANDOVER:
                 # --starttls-optional: a client staying in clear is a stranger, whatever it claims.
@@ -1710,6 +1714,7 @@ class ServerService(_Listener):
                 route, login = cfg.untrusted_backend, None
             else:
                 tls_pump = await self._handshake(ctx, cfg, tls_pump if gate else None, sock)
+                facts["tls"] = "implicit" if gate is None else "starttls"
                 facts.update(tls_facts(tls_pump.transport))
                 route, login, refusal = self._route(cfg, policy, peer_certificate(tls_pump.transport), facts)
                 if route is None:

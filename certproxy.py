@@ -71,6 +71,7 @@ DIALOGUE_TIMEOUT_S = 60.0  # whole pre-TLS dialogue (greeting, EHLO, STARTTLS)
 HANDSHAKE_TIMEOUT_S = 30.0  # TLS handshake
 IDLE_TIMEOUT_S = 600.0  # RFC 5321 4.5.3.2.7: server timeout for the DATA termination is 10 minutes
 CLOSE_LINGER_S = 30.0  # after a half-close that TLS cannot forward, wait this long for the other side
+SERVER_GONE_REPLY = b"421 4.4.2 certproxy: the mail server closed the connection; anything unconfirmed was not accepted\r\n"
 GOODBYE_LINGER_S = 2.0  # after our last reply, read and discard this long so a reset cannot eat the reply
 MAX_CONNECTIONS = 100  # concurrent sessions per client listener
 MAX_SERVER_CONNECTIONS = 1000  # concurrent sessions per server listener
@@ -820,15 +821,23 @@ class HideExtensions:
     would be a lie there, and XCLIENT / XFORWARD are meant for certproxy (the MTA trusts our address
     with them), not for the client. The MTA-to-client direction carries only replies (mail flows the
     other way), so parsing it costs little; a reply beyond the limits ends the filtering and passes
-    through as it is."""
+    through as it is. It also remembers the last complete reply code, so that when the MTA hangs up
+    the splice knows whether the client is owed a 421 (see _Splice.server_gone)."""
 
-    __slots__ = ("_buf", "done", "_lines")
+    __slots__ = ("_buf", "done", "_lines", "hidden", "last_code")
     HIDDEN = frozenset((b"STARTTLS", b"XCLIENT", b"XFORWARD"))
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: frozenset[bytes] = HIDDEN) -> None:
         self._buf = bytearray()
         self._lines: list[bytes] = []
         self.done = False
+        self.hidden = hidden
+        self.last_code = 0  # of the last complete reply passed on; 0: none yet
+
+    @property
+    def between_replies(self) -> bool:
+        """Nothing of a reply is half passed on: a reply of our own would not be spliced into one."""
+        return not self.done and not self._buf and not self._lines
 
     def feed(self, data: bytes) -> bytes:
         if self.done:
@@ -849,14 +858,14 @@ class HideExtensions:
             self._lines.append(line)
             if line[3:4] != b"-":  # the reply is complete
                 out += self._strip(self._lines)
+                self.last_code = int(line[:3]) if line[:3].isdigit() else -1
                 self._lines = []
 
-    @staticmethod
-    def _strip(lines: list[bytes]) -> list[bytes]:
-        if len(lines) < 2 or not lines[0].startswith(b"250"):
+    def _strip(self, lines: list[bytes]) -> list[bytes]:
+        if len(lines) < 2 or not lines[0].startswith(b"250") or not self.hidden:
             return lines
         kept = [lines[0]] + [ln for ln in lines[1:] if ln[4:].split(b" ", 1)[0].strip().upper()
-                             not in HideExtensions.HIDDEN]
+                             not in self.hidden]
         if len(kept) < len(lines) and kept[-1][3:4] == b"-":
             kept[-1] = kept[-1][:3] + b" " + kept[-1][4:]
         return kept
@@ -1025,6 +1034,8 @@ class _Pump(asyncio.Protocol):
         self.eof = True
         self._wake()
         peer, splice = self.peer, self._splice
+        if splice is not None and self is splice.b:
+            splice.server_gone()
         if peer is not None and splice is not None and not peer.lost:
             if peer.eof:
                 splice.close()  # both have said all they will: done
@@ -1052,6 +1063,8 @@ class _Pump(asyncio.Protocol):
         self.lost = True
         self._wake()
         peer = self.peer
+        if self._splice is not None and self is self._splice.b:
+            self._splice.server_gone()
         if peer is not None and not peer.lost and peer.transport is not None:
             peer.transport.close()  # flushes what is buffered for it first
         if self._splice is not None:
@@ -1106,6 +1119,8 @@ class _Splice:
         self.outcome = "ok"
         self._timer = self.loop.call_later(idle, self._check_idle)
         self._linger: asyncio.TimerHandle | None = None
+        self.watch = b.filter  # the server's replies, as far as they were followed
+        self._server_gone = False
         a.peer, b.peer = b, a
         a._splice = b._splice = self
         for side in (a, b):
@@ -1120,6 +1135,20 @@ class _Splice:
 
     def touch(self) -> None:
         self.last = self.loop.time()
+
+    def server_gone(self) -> None:
+        """The SMTP server hung up (closed, or the connection broke). Unless its last reply was a
+        goodbye (221, 421), the client may be waiting for an answer — say, to the end of DATA — and
+        must learn that nothing after the last reply was accepted: 421, as an MTA would say itself."""
+        if self._server_gone:
+            return
+        self._server_gone = True
+        a, w = self.a, self.watch
+        if w is None or not w.between_replies or w.last_code in (221, 421):
+            return
+        if a.lost or a.transport is None or a.transport.is_closing():
+            return
+        a.transport.write(SERVER_GONE_REPLY)
 
     def _check_idle(self) -> None:
         due = self.last + self.idle - self.loop.time()
@@ -1546,6 +1575,7 @@ class ClientService(_Listener):
             if facts["tls"] == "starttls":
                 local.transport.write(
                     f"220 {self.cfg.ehlo} ESMTP certproxy: TLS to {facts['upstream']} verified\r\n".encode())
+            upstream.pump.filter = HideExtensions(frozenset())  # only to follow the replies
             splice = _Splice(local, upstream.pump, self.cfg.timeouts.idle)
             await splice.done
             outcome = splice.outcome

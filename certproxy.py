@@ -772,6 +772,7 @@ class SMTPGate:
 
     def _close(self, out: list[bytes], reply: str, reason: str) -> bytes:
         self.state = _GateState.CLOSED
+        self._buf.clear()
         self.reason = reason
         out.append(reply.encode() + b"\r\n")
         return b"".join(out)

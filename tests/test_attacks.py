@@ -1,0 +1,409 @@
+"""The attack and fault suite: what people on the open internet (and broken peers) do to certproxy.
+
+STARTTLS negotiation tricks on both sides live in test_client.py (TestMaliciousUpstream) and
+test_server.py (TestStartTLSInjection, TestPreTLSDialogue); this file adds TLS-level attacks, resource
+abuse with the memory measured, peers dying mid-DATA, and property-based fuzzing of every parser
+that sees bytes before the splice."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import smtplib
+import socket
+import ssl
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import certproxy
+from conftest import read_reply, server_context, session_line
+from realpeers import Process, free_port, require_tool
+from test_frontdoor import service, sink  # noqa: F401  (fixtures)
+from test_ops import sink_mta  # noqa: F401  (fixture)
+from test_server import MESSAGE, client_ctx, tls_open
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+# ---------------------------------------------------------------------------------------------------
+# TLS-level attacks on certproxy server
+
+
+class TestTLSAttacks:
+    async def run_openssl(self, *args: str, stdin_script=()) -> str:
+        require_tool("openssl")
+        proc = await asyncio.create_subprocess_exec("openssl", "s_client", *args, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        for delay, line in stdin_script:
+            await asyncio.sleep(delay)
+            if proc.returncode is None:
+                try:
+                    proc.stdin.write(line)
+                    await proc.stdin.drain()
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+        try:
+            proc.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        return out.decode(errors="replace")
+
+    async def test_client_initiated_renegotiation_is_refused(self, certs, service, sink):
+        backend = await sink("b")
+        svc = await service("tls", backend.endpoint)
+        out = await self.run_openssl("-connect", f"127.0.0.1:{svc.port}", "-tls1_2", "-cert", str(certs.client.cert),
+                                     "-key", str(certs.client.key),
+                                     stdin_script=[(1.0, b"R\n"), (1.5, b"NOOP\n")])
+        assert "220 b ESMTP sink" in out and "RENEGOTIATING" in out, out
+        assert "no renegotiation" in out, out
+        assert b"NOOP" not in backend.received  # the connection did not survive the attempt
+
+    @pytest.mark.parametrize("version", ["-tls1", "-tls1_1"])
+    async def test_old_tls_versions_are_refused(self, certs, service, sink, version, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        backend = await sink("b")
+        svc = await service("tls", backend.endpoint)
+        out = await self.run_openssl("-connect", f"127.0.0.1:{svc.port}", version, "-cipher", "DEFAULT@SECLEVEL=0",
+                                     "-cert", str(certs.client.cert), "-key", str(certs.client.key))
+        assert "220 " not in out
+        line = await session_line(caplog)
+        assert "UNSUPPORTED_PROTOCOL" in line and "outcome=refused" in line, line
+        assert backend.connections == 0
+
+    async def test_starttls_inside_tls_is_the_mtas_business(self, certs, service, sink):
+        # certproxy does not start a second handshake; the command goes to the MTA like any other.
+        backend = await sink("b")
+        svc = await service("starttls", backend.endpoint)
+        reader, writer, _ = await tls_open(svc.port, "starttls", client_ctx(certs, certs.client))
+        writer.write(b"EHLO laptop.test\r\n")
+        assert b"STARTTLS" not in await read_reply(reader)  # hidden: it would be a lie inside TLS
+        writer.write(b"STARTTLS\r\n")
+        await read_reply(reader)
+        writer.write(b"NOOP\r\n")
+        assert (await read_reply(reader)).startswith(b"250")  # still the same TLS session
+        writer.close()
+        assert backend.received == b"EHLO laptop.test\r\nSTARTTLS\r\nNOOP\r\n"
+
+    async def test_nothing_said_before_tls_reaches_the_mta(self, certs, service, sink):
+        # EHLO argument tampering: the pre-TLS EHLO (whatever it claims) never leaves certproxy.
+        backend = await sink("b")
+        svc = await service("starttls", backend.endpoint)
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        await read_reply(reader)
+        writer.write(b"EHLO evil.example XCLIENT=ADDR\r\n")
+        await read_reply(reader)
+        writer.write(b"NOOP pre-tls\r\n")
+        await read_reply(reader)
+        writer.write(b"STARTTLS\r\n")
+        assert (await read_reply(reader)).startswith(b"220 ")
+        await writer.start_tls(client_ctx(certs, certs.client), server_hostname="localhost")
+        writer.write(b"EHLO good.example\r\nQUIT\r\n")
+        await read_reply(reader)
+        await read_reply(reader)
+        writer.close()
+        assert backend.received == b"EHLO good.example\r\nQUIT\r\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resource abuse, measured on a real process
+
+
+class TestResourceAbuse:
+    def start_server(self, tmp_path, certs, backend_port: int, port: int, *extra: str) -> Process:
+        return Process([sys.executable, str(ROOT / "certproxy.py"), "server", "--starttls", "--listen",
+                        f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend_port}", "--cert", str(certs.server.cert),
+                        "--key", str(certs.server.key), "--allow", str(certs.client.cert), "--hostname",
+                        "mx.certproxy.test", *extra], port, tmp_path / "server.log")
+
+    def legit_send(self, port: int, certs, source: str) -> dict:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20, source_address=(source, 0)) as s:
+            s.ehlo("laptop.test")
+            s.starttls(context=client_ctx(certs, certs.client))
+            s.ehlo("laptop.test")
+            return s.sendmail("a@laptop.test", ["b@example.net"], MESSAGE)
+
+    def test_silent_sockets_slow_lines_and_a_flood(self, tmp_path, certs, sink_mta):
+        """200 sockets that say nothing, 20 that send a 1 MB line, and a flood past the per-address limit,
+        all from 127.0.0.3: a legitimate client from 127.0.0.2 is served throughout, and memory stays
+        bounded."""
+        port = free_port()
+        proc = self.start_server(tmp_path, certs, sink_mta.port, port, "--max-per-ip", "250")
+        held: list[socket.socket] = []
+        try:
+            self.legit_send(port, certs, "127.0.0.2")
+            before = rss_kb(proc.proc.pid)
+            for _ in range(200):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.3", 0))
+                held.append(s)
+            assert self.legit_send(port, certs, "127.0.0.2") == {}
+            # a 1 MB line before STARTTLS: answered and closed, never buffered
+            for _ in range(20):
+                with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.3", 0)) as s:
+                    s.recv(1024)
+                    try:
+                        s.sendall(b"EHLO " + b"A" * 1_000_000 + b"\r\n")
+                    except (ConnectionResetError, BrokenPipeError):
+                        pass  # closed while we were still sending: fine
+                    reply = b""
+                    try:
+                        while chunk := s.recv(4096):
+                            reply += chunk
+                    except ConnectionResetError:
+                        pass
+                    assert reply == b"" or b"500 5.5.2 line too long" in reply, reply
+            # a flood past --max-per-ip: told they are too many, not left hanging
+            flood = []
+            for _ in range(80):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.3", 0))
+                flood.append(s)
+            answers = [s.recv(1024) for s in flood]  # all answered before any is closed (closing frees slots)
+            for s in flood:
+                s.close()
+            busy = sum(b"421 4.7.0" in a and b"too busy" in a for a in answers)
+            assert busy == 30 and answers.count(answers[0]) == 50, answers  # 200 silent + 80 flood, limit 250
+            assert self.legit_send(port, certs, "127.0.0.2") == {}
+            after = rss_kb(proc.proc.pid)
+        finally:
+            for s in held:
+                s.close()
+            proc.stop()
+        growth = after - before
+        print(f"RSS {before} KB -> {after} KB with 200 idle pre-TLS sockets (+{growth / 200:.1f} KB each)")
+        assert growth < 32 * 1024, growth  # bounded: far below anything a 1 MB line or a flood could cost
+
+    async def test_client_that_stops_reading_stalls_the_mta_not_our_memory(self, certs, service, scripted_upstream):
+        """The MTA keeps talking, the client reads nothing: certproxy stops reading the MTA once its
+        buffers towards the client are full."""
+        written = 0
+        stalled = asyncio.Event()
+
+        async def chatty(reader, writer, received):
+            nonlocal written
+            writer.write(b"220 chatty ESMTP\r\n")
+            await reader.readline()  # the client's first command: then the MTA answers, and answers...
+            line = b"250-" + b"x" * 1000 + b"\r\n"
+            while written < 64 * 1024 * 1024:
+                writer.write(line * 64)
+                written += len(line) * 64
+                try:
+                    await asyncio.wait_for(writer.drain(), 2)
+                except (TimeoutError, asyncio.TimeoutError):
+                    stalled.set()
+                    try:  # until certproxy hangs up (the client leaves)
+                        await asyncio.wait_for(reader.read(), 20)
+                    except (TimeoutError, asyncio.TimeoutError, ConnectionError):
+                        pass
+                    return
+
+        mta = await scripted_upstream(chatty)
+        svc = await service("tls", mta.endpoint)
+        reader, writer, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
+        assert greeting.startswith(b"220 chatty")
+        writer.write(b"NOOP\r\n")  # and never reads again
+        await asyncio.wait_for(stalled.wait(), 30)
+        assert written < 32 * 1024 * 1024, written  # kernel and TLS buffers, not the whole 64 MB
+        writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Peers dying in the middle of a transaction: the client hears 4xx, nothing is reported delivered
+
+
+async def dies_in_data(reader, writer, received):
+    writer.write(b"220 fragile ESMTP\r\n")
+    while line := await reader.readline():
+        received += line
+        verb = line[:4].upper()
+        if verb == b"DATA":
+            writer.write(b"354 go ahead\r\n")
+            await writer.drain()
+            received += await reader.read(10)  # a little of the body, then the MTA process dies
+            writer.transport.abort()
+            return
+        writer.write(b"250-fragile\r\n250 8BITMIME\r\n" if verb == b"EHLO" else b"250 ok\r\n")
+        await writer.drain()
+
+
+class TestDyingPeers:
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    async def test_mta_dies_mid_data(self, certs, service, scripted_upstream, mode, caplog):
+        mta = await scripted_upstream(dies_in_data)
+        svc = await service(mode, mta.endpoint)
+
+        def send():
+            s = smtplib.SMTP_SSL("127.0.0.1", svc.port, context=client_ctx(certs, certs.client), timeout=20) \
+                if mode == "tls" else smtplib.SMTP("127.0.0.1", svc.port, timeout=20)
+            if mode == "starttls":
+                s.ehlo("laptop.test")
+                s.starttls(context=client_ctx(certs, certs.client))
+            s.ehlo("laptop.test")
+            return s.sendmail("a@laptop.test", ["b@example.net"], MESSAGE)
+
+        with pytest.raises(smtplib.SMTPResponseException) as e:
+            await asyncio.to_thread(send)
+        assert e.value.smtp_code == 421 and b"not accepted" in e.value.smtp_error, e.value
+
+    async def test_upstream_dies_mid_data(self, certs, client_service):
+        """certproxy client: the pinned upstream dies during DATA; the MUA gets 421, not silence."""
+        received = bytearray()
+
+        async def handle(reader, writer):
+            try:
+                await dies_in_data(reader, writer, received)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(certs.server, [certs.client]))
+        up = server.sockets[0].getsockname()[1]
+        try:
+            svc = await client_service(f"127.0.0.1:{up}", mode="tls")
+
+            def send():
+                with smtplib.SMTP("127.0.0.1", svc.port, timeout=20) as s:
+                    return s.sendmail("a@laptop.test", ["b@example.net"], MESSAGE)
+
+            with pytest.raises(smtplib.SMTPResponseException) as e:
+                await asyncio.to_thread(send)
+            assert e.value.smtp_code == 421, e.value
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    async def test_normal_quit_gets_no_extra_reply(self, certs, service, sink):
+        backend = await sink("b")
+        svc = await service("tls", backend.endpoint)
+        reader, writer, _ = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
+        writer.write(b"QUIT\r\n")
+        rest = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert rest == b"221 2.0.0 Bye\r\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fuzzing: arbitrary bytes never crash, never hang, never reach the backend
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+chunks = st.lists(st.binary(max_size=700), max_size=12)
+smtpish = st.lists(st.sampled_from([b"EHLO x\r\n", b"HELO y\r\n", b"STARTTLS\r\n", b"NOOP\r\n", b"RSET\r\n",
+                                    b"MAIL FROM:<a@b>\r\n", b"QUIT\r\n", b"\r\n", b"\n", b"STARTTLS x\r\n",
+                                    b"EHLO\r\n", b"A" * 600, b"\x16\x03\x01"]) | st.binary(max_size=40), max_size=30)
+
+
+class TestFuzzing:
+    @FUZZ
+    @given(chunks)
+    def test_gate_on_arbitrary_bytes(self, parts):
+        self._drive_gate(parts)
+
+    @FUZZ
+    @given(smtpish)
+    def test_gate_on_smtp_like_bytes(self, parts):
+        self._drive_gate(parts)
+
+    @staticmethod
+    def _drive_gate(parts):
+        gate = certproxy.SMTPGate("mx")
+        for part in parts:
+            if gate.state is not certproxy._GateState.OPEN:
+                break
+            try:
+                out = gate.receive_data(part)
+            except certproxy.ProtocolError:
+                assert gate.state is certproxy._GateState.STARTTLS
+                return
+            assert len(out) <= 64 * (len(part) + 1) + 200  # replies bounded by what came in
+            assert len(gate._buf) <= certproxy.MAX_COMMAND_LINE
+        assert gate.pending == b""  # without --starttls-optional nothing is ever handed on
+        assert gate.state in (certproxy._GateState.OPEN, certproxy._GateState.STARTTLS,
+                              certproxy._GateState.CLOSED)
+
+    @FUZZ
+    @given(smtpish)
+    def test_optional_gate_hands_over_only_what_followed_a_mail_command(self, parts):
+        gate = certproxy.SMTPGate("mx", optional=True)
+        data = b""
+        for part in parts:
+            if gate.state is not certproxy._GateState.OPEN:
+                break
+            data += part
+            try:
+                gate.receive_data(part)
+            except certproxy.ProtocolError:
+                return
+        if gate.state is certproxy._GateState.HANDOVER:
+            assert gate.pending and data.endswith(gate.pending)  # exactly what the client sent, from the command on
+            assert gate.pending and gate.pending.split(b"\n", 1)[0].split(b" ", 1)[0].strip().upper() not in (
+                b"EHLO", b"HELO", b"NOOP", b"RSET", b"QUIT", b"STARTTLS")
+
+    @FUZZ
+    @given(chunks)
+    def test_reply_parser(self, parts):
+        parser = certproxy.ReplyParser()
+        try:
+            for part in parts:
+                for reply in parser.feed(part):
+                    assert 200 <= reply.code <= 599 and len(reply.lines) <= certproxy.MAX_REPLY_LINES
+        except certproxy.ProtocolError:
+            pass
+
+    @FUZZ
+    @given(chunks)
+    def test_starttls_client_dialogue(self, parts):
+        dialogue = certproxy.StartTLSClient()
+        try:
+            for part in parts:
+                out = dialogue.receive_data(part)
+                assert out in (b"", b"EHLO localhost\r\n", b"HELO localhost\r\n", b"STARTTLS\r\n", b"QUIT\r\n") or \
+                    out.startswith((b"EHLO ", b"HELO ", b"STARTTLS", b"QUIT"))
+                if dialogue.ready:
+                    break
+        except certproxy.SessionError:
+            pass
+
+    @FUZZ
+    @given(st.binary(max_size=300))
+    def test_proxy_header_parser(self, data):
+        try:
+            parsed = certproxy.parse_proxy_header(data)
+        except ValueError:
+            return
+        if parsed is not None:
+            n, src, dst = parsed
+            assert 0 < n <= len(data)
+
+    async def test_random_bytes_at_the_listener_never_reach_the_backend(self, certs, service, sink):
+        backend = await sink("b")
+        svc = await service("both", backend.endpoint)
+        rng = random.Random(20261123)
+        for _ in range(60):
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            blob = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 3000)))
+            if rng.random() < 0.5:
+                blob = rng.choice([b"EHLO x\r\n", b"\x16\x03\x01\x02\x00", b"STARTTLS\r\n"]) + blob
+            try:
+                writer.write(blob)
+                await asyncio.wait_for(reader.read(65536), 5)
+            except (ConnectionError, TimeoutError, asyncio.TimeoutError):
+                pass
+            writer.close()
+        await asyncio.sleep(0.2)
+        assert backend.connections == 0
+        # and it still serves
+        reader, writer, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
+        assert greeting.startswith(b"220 b ")
+        writer.close()

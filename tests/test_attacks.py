@@ -407,3 +407,45 @@ class TestFuzzing:
         reader, writer, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
         assert greeting.startswith(b"220 b ")
         writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# sslyze: what a scanner sees
+
+
+class TestSslyze:
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    def test_only_tls12_and_13_no_compression_no_client_renegotiation(self, tmp_path, certs, sink_mta, mode):
+        import importlib.util
+        import json
+        import subprocess
+
+        if importlib.util.find_spec("sslyze") is None:
+            if os.environ.get("CERTPROXY_REQUIRE_PEERS") == "1":
+                pytest.fail("sslyze is not installed (pip install -e '.[test]')")
+            pytest.skip("sslyze is not installed")
+        port = free_port()
+        proc = Process([sys.executable, str(ROOT / "certproxy.py"), "server", f"--{mode}", "--listen",
+                        f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{sink_mta.port}", "--cert", str(certs.server.cert),
+                        "--key", str(certs.server.key), "--allow", str(certs.client.cert), "--max-per-ip", "0"],
+                       port, tmp_path / "server.log")
+        out = tmp_path / "sslyze.json"
+        try:
+            args = [sys.executable, "-m", "sslyze", "--sslv2", "--sslv3", "--tlsv1", "--tlsv1_1", "--tlsv1_2",
+                    "--tlsv1_3", "--compression", "--reneg", "--cert", str(certs.client.cert), "--key",
+                    str(certs.client.key), "--json_out", str(out), f"127.0.0.1:{port}"]
+            if mode == "starttls":
+                args[3:3] = ["--starttls", "smtp"]
+            r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        finally:
+            proc.stop()
+        assert r.returncode == 0, r.stdout + r.stderr
+        scan = json.loads(out.read_text())["server_scan_results"][0]["scan_result"]
+        accepted = {v: len(scan[f"{v}_cipher_suites"]["result"]["accepted_cipher_suites"])
+                    for v in ("ssl_2_0", "ssl_3_0", "tls_1_0", "tls_1_1", "tls_1_2", "tls_1_3")}
+        print(mode, accepted)
+        assert accepted["ssl_2_0"] == accepted["ssl_3_0"] == accepted["tls_1_0"] == accepted["tls_1_1"] == 0, accepted
+        assert accepted["tls_1_2"] > 0 and accepted["tls_1_3"] > 0, accepted
+        assert scan["tls_compression"]["result"]["supports_compression"] is False
+        reneg = scan["session_renegotiation"]["result"]
+        assert reneg["client_renegotiations_success_count"] == 0 and not reneg["is_vulnerable_to_client_renegotiation_dos"]

@@ -978,7 +978,8 @@ class _Pump(asyncio.Protocol):
     Backpressure: when our transport's write buffer is full, the peer stops reading.
     """
 
-    __slots__ = ("transport", "peer", "held", "nbytes", "lost", "eof", "plain", "waiter", "filter", "_splice")
+    __slots__ = ("transport", "peer", "held", "nbytes", "lost", "eof", "plain", "waiter", "filter", "_splice",
+                 "_released")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -991,6 +992,7 @@ class _Pump(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None  # woken by held data or loss, before linking
         self.filter: HideExtensions | None = None  # rewrites what we receive until it says done
         self._splice: _Splice | None = None
+        self._released = False
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -1070,6 +1072,8 @@ class _Pump(asyncio.Protocol):
             peer.transport.close()  # flushes what is buffered for it first
         if self._splice is not None:
             self._splice.side_lost()
+        if self._released:
+            self.transport = None
 
 
 async def _pull(pump: _Pump) -> bytes:
@@ -1085,6 +1089,24 @@ def _close_all(*pumps: _Pump | None) -> None:
     for p in pumps:
         if p is not None and p.transport is not None and not p.lost and not p.transport.is_closing():
             p.transport.close()
+
+
+def _release(*pumps: _Pump | None) -> None:
+    """Break the reference cycles a session made (pump <-> transport, pump <-> peer, pump <-> splice)
+    once it has ended, so that its memory, TLS buffers included, is freed at once rather than at some
+    full garbage collection; with uvloop a cycle through a transport was never freed at all (RSS grew
+    by about 1.5 MB per 1000 sessions without this)."""
+    for p in pumps:
+        if p is None:
+            continue
+        splice = p._splice
+        if splice is not None:
+            splice.release()
+        p.peer = p._splice = p.filter = p.waiter = None
+        p.held = []
+        p._released = True
+        if p.lost:
+            p.transport = None
 
 
 async def _goodbye(pump: _Pump, reply: str | bytes) -> None:
@@ -1173,7 +1195,17 @@ class _Splice:
             if not side.lost and side.transport is not None:
                 side.transport.abort()
 
+    def release(self) -> None:
+        self._timer.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
+        if not self.done.done():
+            self.done.cancel()
+        self.a = self.b = self.watch = None
+
     def side_lost(self) -> None:
+        if self.a is None:
+            return
         if self.a.lost and self.b.lost and not self.done.done():
             self._timer.cancel()
             if self._linger is not None:
@@ -1598,6 +1630,7 @@ class ClientService(_Listener):
                        service=self.service_name, worker=_WORKER, peer=peer, **facts, bytes_up=local.nbytes,
                        bytes_down=upstream.pump.nbytes if upstream else 0,
                        duration=round(time.monotonic() - t0, 3), outcome=outcome, reason=reason)
+            _release(local, upstream.pump if upstream else None)
 
     async def _connect_any(self) -> tuple[_Upstream | None, list[tuple[SessionError, str]]]:
         failures: list[tuple[SessionError, str]] = []
@@ -1785,6 +1818,7 @@ class ServerService(_Listener):
                        service=self.service_name, worker=_WORKER, **facts, bytes_in=tls_pump.nbytes,
                        bytes_out=backend.nbytes if backend else 0,
                        duration=round(time.monotonic() - t0, 3), outcome=outcome, reason=reason)
+            _release(tls_pump, backend)
 
     async def _converse(self, pump: _Pump, gate: SMTPGate, deadline: float) -> bool:
         """Run ``gate`` until STARTTLS (True) or the end of the conversation (False)."""

@@ -334,6 +334,36 @@ class TestFullTunnel:
         assert len(lines) == 2 and all("outcome=ok" in ln for ln in lines), lines
 
 
+class TestNoLeftovers:
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    async def test_finished_sessions_leave_nothing_for_the_gc(self, certs, backend, server_service, client_service,
+                                                             mode, caplog):
+        """A session's objects are freed by reference counting when it ends: with uvloop, a reference
+        cycle through a transport is never collected (RSS grew ~1.5 MB per 1000 sessions), and on
+        asyncio each cycle kept a 256 KiB TLS buffer until a full collection."""
+        import gc
+
+        caplog.set_level(logging.INFO, "certproxy")
+        srv = await server_service(mode, backend.endpoint)
+        cli = await client_service(f"127.0.0.1:{srv.port}", mode=mode)
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", cli.port, timeout=30) as s:
+                return s.sendmail("a@laptop.test", ["b@example.net"], MESSAGE)
+
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(5):
+                assert await asyncio.to_thread(send) == {}
+            await session_line(caplog, count=10)
+            await asyncio.sleep(0.3)
+            left = [o for o in gc.get_objects() if isinstance(o, (certproxy._Pump, certproxy._Splice))]
+        finally:
+            gc.enable()
+        assert left == [], f"{len(left)} pumps/splices kept alive after their sessions ended"
+
+
 def test_demo_exits_zero():
     import subprocess
     import sys

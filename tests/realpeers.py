@@ -231,3 +231,216 @@ def stunnel(workdir: Path, name: str, config: str, port: int) -> Process:
     conf = workdir / f"{name}.conf"
     conf.write_text("foreground = yes\npid =\ndebug = 4\n" + config)
     return Process(["stunnel4", str(conf)], port, workdir / f"{name}.log")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Added for test_matrix.py: a second Postfix that relays through certproxy client, Exim run unpacked.
+
+
+def unavailable(msg: str) -> None:
+    """Skip (or fail under CERTPROXY_REQUIRE_PEERS=1) for a peer that cannot be set up here."""
+    if os.environ.get("CERTPROXY_REQUIRE_PEERS") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+class PostfixRelayClient(Postfix):
+    """A Postfix on the laptop: mail injected with its ``sendmail`` goes to ``relayhost`` in plain SMTP
+    (``smtp_tls_security_level = none``), e.g. ``[127.0.0.1]:PORT`` of a certproxy client."""
+
+    def __init__(self, workdir: Path, cert: Path, key: Path, relayhost: str) -> None:
+        super().__init__(workdir, cert, key, {})
+        main_cf = self.confdir / "main.cf"
+        text = main_cf.read_text()
+        for line in ("myhostname = mx.certproxy.test\n", "default_transport = save\n", "relay_transport = save\n"):
+            text = text.replace(line, "")
+        # Its own name: a Postfix SMTP client refuses a server that greets with its own myhostname (loop).
+        main_cf.write_text(text + f"""\
+myhostname = laptop.certproxy.test
+relayhost = {relayhost}
+default_transport = smtp
+relay_transport = smtp
+smtp_tls_security_level = none
+smtp_dns_support_level = disabled
+""")
+
+    def sendmail(self, sender: str, message: bytes) -> subprocess.CompletedProcess:
+        """Inject ``message`` (recipients from its headers) with this instance's sendmail."""
+        return subprocess.run(["sendmail", "-C", str(self.confdir), "-f", sender, "-t", "-i"], input=message,
+                              capture_output=True, timeout=60)
+
+    def flush(self) -> subprocess.CompletedProcess:
+        return self.postfix("flush")
+
+
+EXIM_DIR = Path(os.environ.get("CERTPROXY_EXIM_DIR", "/tmp/certproxy-exim"))
+EXIM_PACKAGES = ("exim4-daemon-light", "exim4-base", "exim4-config")
+
+
+def exim_binary() -> Path:
+    """Exim 4 from Debian's packages, unpacked (not installed: it conflicts with postfix) under EXIM_DIR.
+    Downloaded once with ``apt-get download``; later runs (and offline runs) use the cached tree."""
+    exim = EXIM_DIR / "usr" / "sbin" / "exim4"
+    if not exim.exists():
+        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+            unavailable(f"{exim} is missing and apt-get/dpkg-deb are not available to fetch it")
+        tmp = Path(tempfile.mkdtemp(prefix="certproxy-exim-dl-"))
+        try:
+            r = subprocess.run(["apt-get", "download", *EXIM_PACKAGES], cwd=tmp, capture_output=True, text=True,
+                               timeout=300)
+            debs = sorted(tmp.glob("*.deb"))
+            if r.returncode != 0 or len(debs) != len(EXIM_PACKAGES):
+                unavailable(f"apt-get download {' '.join(EXIM_PACKAGES)} failed: {r.stdout}{r.stderr}")
+            tree = tmp / "tree"
+            for deb in debs:
+                subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True, timeout=120)
+            EXIM_DIR.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tree.rename(EXIM_DIR)  # atomic: a concurrent run either sees the whole tree or none
+            except OSError:
+                if not exim.exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        import pwd
+        pwd.getpwnam("Debian-exim")
+    except KeyError:
+        # The Debian binary insists on this user (compiled in).
+        r = subprocess.run(["adduser", "--system", "--group", "--no-create-home", "--disabled-login",
+                            "--force-badname", "Debian-exim"], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            unavailable(f"Exim needs the user Debian-exim: adduser failed: {r.stdout}{r.stderr}")
+    return exim
+
+
+class Exim:
+    """Exim 4.96 (unpacked Debian binary) with a STARTTLS port and an implicit-TLS port
+    (tls_on_connect_ports). It asks every client for a certificate (``tls_try_verify_hosts = *``,
+    ``tls_verify_certificates`` = the allowed client certificates) and accepts a recipient only when
+    ``${sha256:$tls_in_peercert}`` is one of ``relay_fingerprints`` (upper hex, no colons); everything
+    else gets ``550 relay not permitted``. Messages are queued (``queue_only``: the binary cannot re-exec
+    itself from here) and ``deliver()`` runs the queue into ``spool``, one file per message."""
+
+    def __init__(self, cert: Path, key: Path, client_certs: list[Path], relay_fingerprints: list[str]) -> None:
+        require_tool("swaks")
+        self.exim = exim_binary()
+        # Exim drops to Debian-exim: pytest's tmp dirs (0700) are out of its reach.
+        self.dir = Path(tempfile.mkdtemp(prefix="certproxy-exim-"))
+        self.dir.chmod(0o755)
+        self.spool = self.dir / "out"
+        self.starttls_port = free_port()
+        self.tls_port = free_port()
+        self.pidfile = self.dir / "exim.pid"
+        for d in (self.dir / "spool", self.dir / "log"):
+            d.mkdir()
+            shutil.chown(d, "Debian-exim", "Debian-exim")
+        self.spool.mkdir()
+        self.spool.chmod(0o777)
+        cert = Path(shutil.copy(cert, self.dir / "server.pem"))
+        key_copy = self.dir / "server.key"
+        shutil.copy(key, key_copy)
+        shutil.chown(key_copy, "Debian-exim", "Debian-exim")  # read after dropping privileges
+        key_copy.chmod(0o600)
+        trusted = self.dir / "clients.pem"
+        trusted.write_text("".join(Path(c).read_text() for c in client_certs))
+        fps = " : ".join(fp.replace(":", "").upper() for fp in relay_fingerprints) or "none"
+        self.conf = self.dir / "exim.conf"
+        self.conf.write_text(f"""\
+primary_hostname = exim.certproxy.test
+qualify_domain = certproxy.test
+local_interfaces = 127.0.0.1
+daemon_smtp_ports = {self.starttls_port} : {self.tls_port}
+tls_on_connect_ports = {self.tls_port}
+spool_directory = {self.dir}/spool
+log_file_path = {self.dir}/log/%slog
+host_lookup =
+rfc1413_hosts =
+queue_only = true
+tls_advertise_hosts = *
+tls_certificate = {cert}
+tls_privatekey = {key_copy}
+tls_verify_certificates = {trusted}
+tls_try_verify_hosts = *
+acl_smtp_rcpt = acl_check_rcpt
+
+begin acl
+
+acl_check_rcpt:
+  accept condition = ${{if def:tls_in_peercert {{${{if inlist{{${{sha256:$tls_in_peercert}}}}{{{fps}}}}}}}{{no}}}}
+  deny    message   = relay not permitted
+
+begin routers
+
+save:
+  driver = accept
+  transport = save
+
+begin transports
+
+save:
+  driver = appendfile
+  directory = {self.spool}
+  user = nobody
+  create_directory = false
+""")
+        self.conf.chmod(0o644)
+
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.exim), "-C", str(self.conf), *args], capture_output=True, text=True,
+                              timeout=timeout)
+
+    def start(self) -> Exim:
+        r = self.run("-bd", "-oP", str(self.pidfile))
+        try:
+            if r.returncode != 0:
+                raise RuntimeError(f"exim -bd exited {r.returncode}")
+            wait_port(self.starttls_port, what="exim")
+            wait_port(self.tls_port, what="exim")
+        except RuntimeError as e:
+            self.stop()
+            raise RuntimeError(f"{e}\n{r.stdout}{r.stderr}\n{self.mainlog()}") from None
+        return self
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    os.kill(pid, 0)
+                    time.sleep(0.05)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def deliver(self) -> subprocess.CompletedProcess:
+        """Run the queue once (``-qff``): every queued message becomes a file in ``spool``."""
+        return self.run("-qff")
+
+    def mainlog(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted((self.dir / "log").glob("*log")))
+
+    def messages(self, n: int = 1, timeout: float = 20) -> list[bytes]:
+        """Deliver, then the files of the first ``n`` messages (fewer if they do not arrive in time)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.deliver()
+            files = wait_files(self.spool, n, timeout=0)
+            if len(files) >= n or time.monotonic() > deadline:
+                return [p.read_bytes() for p in files]
+            time.sleep(0.1)
+
+    def __enter__(self) -> Exim:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1695,7 +1695,7 @@ async def _peek(sock: socket.socket, n: int) -> bytes:
         except (BlockingIOError, InterruptedError):
             pass
         ready = loop.create_future()
-        loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+        loop.add_reader(sock.fileno(), lambda ready=ready: ready.done() or ready.set_result(None))
         try:
             await ready
         finally:
@@ -2778,7 +2778,6 @@ def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -
     """--workers N: N forked processes, each running every service on the same ports (SO_REUSEPORT:
     the kernel spreads new connections across them). The parent only forwards SIGHUP / SIGTERM /
     SIGINT and restarts a worker that dies; a worker that cannot start (exit 2) stops them all."""
-    global _WORKER, _REUSE_PORT
     for name, svc in services.items():
         if svc.listen.port == 0:
             raise ConfigError("--workers", f"[{name}] needs a fixed --listen port (not 0) to share between workers")

@@ -444,3 +444,18 @@ save:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class LogReadyProcess(Process):
+    """A foreground daemon that is ready once its log says ``ready`` — for a proxy, whose port cannot be
+    probed without opening a session through it (an extra connection to its upstream)."""
+
+    def __init__(self, argv: list[str], port: int, log: Path, ready: str, timeout: float = 20) -> None:
+        self.log = log
+        self.port = port
+        self._fh = open(log, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._fh, stderr=subprocess.STDOUT)
+        content = self.wait_log(ready, timeout)
+        if ready not in content:
+            self.stop()
+            raise RuntimeError(f"{argv[0]} did not say {ready!r} within {timeout}s\n{content}")

@@ -82,7 +82,7 @@ GRACE_S = 30.0  # on SIGTERM, how long live sessions may take to finish before t
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4: command line, CRLF included
 MAX_DIALOGUE_ERRORS = 10  # bad commands before TLS before we hang up (Postfix smtpd_hard_error_limit is 20)
 MAX_DIALOGUE_COMMANDS = 50  # commands before TLS before we hang up
-LISTEN_BACKLOG = 128
+LISTEN_BACKLOG = 1024  # bursts of new connections wait in the kernel, not in SYN retransmits (capped by somaxconn)
 MAX_VERDICTS = 4096  # client certificates whose verdict a server policy remembers
 DUAL_SNIFF_S = 0.25  # --tls --starttls: how long a silent client may take before it is greeted as SMTP
 
@@ -2764,8 +2764,21 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
+def _raise_open_files_limit() -> None:
+    """Every tunnel holds two descriptors; the usual soft limit (1024) would cap a proxy at ~500."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def _supervise(loader, grace: float, workers: int = 1) -> int:
     services = loader()  # configuration errors surface here, before anything listens
+    _raise_open_files_limit()
     if workers > 1:
         return _run_workers(loader, grace, workers, services)
     first = [services]

@@ -565,7 +565,12 @@ def run(args: argparse.Namespace, workdir: Path, procs: Procs) -> dict:
     # --- 3. memory: fresh implicit-TLS pairs each round, K idle tunnels --------------------------------
     k = p["idle"]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    want = max(hard, 2 * k + 1000)  # a client end holds two descriptors per tunnel
+    try:  # root may raise the hard limit too; the pairs started below inherit it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+        hard = want
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hard < k + 100:
         log(f"RLIMIT_NOFILE hard limit {hard} < {k} idle sessions + margin: expect failures")
     idle_errors: dict[str, list[str]] = {"certproxy": [], "stunnel": []}

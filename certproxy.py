@@ -74,6 +74,7 @@ HANDSHAKE_TIMEOUT_S = 30.0  # TLS handshake
 IDLE_TIMEOUT_S = 600.0  # RFC 5321 4.5.3.2.7: server timeout for the DATA termination is 10 minutes
 CLOSE_LINGER_S = 30.0  # after a half-close that TLS cannot forward, wait this long for the other side
 SERVER_GONE_REPLY = b"421 4.4.2 certproxy: the mail server closed the connection; anything unconfirmed was not accepted\r\n"
+TLS_SHUTDOWN_TIMEOUT_S = 2.0  # our close_notify is sent; some peers (Exim 4.96) never answer theirs
 GOODBYE_LINGER_S = 2.0  # after our last reply, read and discard this long so a reset cannot eat the reply
 MAX_CONNECTIONS = 100  # concurrent sessions per client listener
 MAX_SERVER_CONNECTIONS = 1000  # concurrent sessions per server listener
@@ -212,7 +213,8 @@ class Pins:
     names: tuple[tuple[bytes, str], ...] = ()
 
     @classmethod
-    def parse(cls, texts: list[str] | tuple[str, ...], option: str) -> Pins:
+    def parse(cls, texts: list[str] | tuple[str, ...], option: str, *, named: bool = False) -> Pins:
+        """``named``: entries may carry a name (--allow-fingerprint); elsewhere a name is an error."""
         digests, names = set(), {}
         for text in texts:
             try:
@@ -220,13 +222,15 @@ class Pins:
                 continue
             except ValueError as e:
                 error = str(e)
-            fp, _, name = text.strip().rpartition(" ")
+            fp, _, name = text.strip().replace("\t", " ").rpartition(" ")
             try:
                 digest = parse_fingerprint(fp)
             except ValueError:
                 raise ConfigError(option, error + "; an optional name may follow it: 'FINGERPRINT name'") from None
             if not _NAME_RE.fullmatch(name):
                 raise ConfigError(option, f"{name!r} is not a usable name (1-64 of A-Z a-z 0-9 . _ @ + -)")
+            if not named:
+                raise ConfigError(option, f"{text!r}: a name is only meaningful in --allow-fingerprint")
             digests.add(digest)
             names[digest] = name
         return cls(frozenset(digests), tuple(names.items()))
@@ -805,7 +809,9 @@ class SMTPGate:
         return b"".join(out)
 
     def _command(self, line: bytes) -> bytes:
-        verb, _, arg = line.decode("latin-1").strip().partition(" ")
+        # Only SP and TAB count as blanks: str.strip() would also eat \xa0 and friends, and then what is
+        # replayed to a backend (--starttls-optional) would not be what was judged here.
+        verb, _, arg = line.decode("latin-1").strip(" \t").partition(" ")
         verb, arg = verb.upper(), arg.strip()
         host = self.hostname
         if verb in ("EHLO", "HELO"):
@@ -953,7 +959,7 @@ def parse_proxy_header(data: bytes) -> tuple[int, Address | None, Address | None
         return 16 + length, (str(a), int.from_bytes(ports[:2], "big")), (str(b), int.from_bytes(ports[2:], "big"))
     if not b"PROXY "[: len(data)] == data[:6]:
         raise ValueError("no PROXY header")
-    end = data.find(b"\r\n")
+    end = data.find(b"\r\n", 0, MAX_PROXY_V1)
     if end < 0:
         if len(data) >= MAX_PROXY_V1:
             raise ValueError("PROXY v1 line too long")
@@ -963,6 +969,9 @@ def parse_proxy_header(data: bytes) -> tuple[int, Address | None, Address | None
         return end + 2, None, None
     if len(fields) != 6 or fields[1] not in ("TCP4", "TCP6"):
         raise ValueError("bad PROXY v1 line")
+    if not all(re.fullmatch(r"[0-9A-Fa-f.:]{2,45}", f) for f in fields[2:4]) or \
+            not all(re.fullmatch(r"0|[1-9][0-9]{0,4}", f) for f in fields[4:6]):
+        raise ValueError("bad PROXY v1 addresses")
     try:
         a, b = ipaddress.ip_address(fields[2]), ipaddress.ip_address(fields[3])
         sp, dp = int(fields[4]), int(fields[5])
@@ -984,6 +993,8 @@ def xclient_command(offered: set[str], src: Address, login: str | None) -> bytes
     and port, no reverse name (we did not look one up), and who its certificate says it is."""
     ip = ipaddress.ip_address(src[0])
     ip = getattr(ip, "ipv4_mapped", None) or ip
+    if not re.fullmatch(r"[0-9A-Fa-f.:]+", str(ip)):  # no IPv6 scope, nothing that could end the line
+        raise ProtocolError("", f"client address {str(ip)!r} cannot go into XCLIENT")
     attrs = [f"ADDR={'IPV6:' if ip.version == 6 else ''}{ip}"]
     if "PORT" in offered:
         attrs.append(f"PORT={src[1]}")
@@ -1371,7 +1382,8 @@ async def _tls_connect(ctx: ssl.SSLContext, up: Upstream, pump: _Pump, *, sni: s
     if up.mode is TLSMode.IMPLICIT:
         async with asyncio.timeout(to.connect + to.handshake):
             transport, _ = await loop.create_connection(lambda: pump, ep.host, ep.port, ssl=ctx, server_hostname=sni,
-                                                        ssl_handshake_timeout=to.handshake)
+                                                        ssl_handshake_timeout=to.handshake,
+                                                        ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
         return transport
     dialogue = StartTLSClient(ehlo)
     async with asyncio.timeout(to.connect):
@@ -1390,7 +1402,8 @@ async def _tls_connect(ctx: ssl.SSLContext, up: Upstream, pump: _Pump, *, sni: s
     try:
         async with asyncio.timeout(to.handshake):
             transport = await loop.start_tls(plain, pump, ctx, server_hostname=sni,
-                                             ssl_handshake_timeout=to.handshake)
+                                             ssl_handshake_timeout=to.handshake,
+                                             ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
     except BaseException:
         plain.abort()
         raise
@@ -1704,10 +1717,15 @@ async def _peek(sock: socket.socket, n: int) -> bytes:
 
 async def _accept_proxy_header(sock: socket.socket) -> tuple[Address | None, Address | None]:
     """Read exactly the PROXY v1/v2 header a load balancer put in front of the client's bytes."""
+    seen, still = -1, 0
     while True:
         data = await _peek(sock, MAX_PROXY_V2)
         if not data:
             raise SessionError("", "the load balancer closed before sending a PROXY header")
+        still = still + 1 if len(data) == seen else 0
+        seen = len(data)
+        if still >= 50:  # half a header and nothing more for 0.5 s (or a FIN behind it)
+            raise ProtocolError("", "incomplete PROXY header from a --proxy-from address; closed")
         try:
             parsed = parse_proxy_header(data)
         except ValueError as e:
@@ -1777,14 +1795,18 @@ class ServerService(_Listener):
         tls_pump = _Pump()
         raw = True  # the socket has no transport yet: closing it is ours to do
         try:
-            src, dst = _address(sock.getpeername()), _address(sock.getsockname())
-            async with asyncio.timeout(cfg.timeouts.handshake):
-                if cfg.proxy_from and any(ipaddress.ip_address(src[0]) in net for net in cfg.proxy_from):
-                    told_src, told_dst = await _accept_proxy_header(sock)
-                    if told_src is not None:
-                        facts["peer"], facts["via"] = _show(told_src), peer
-                        src, dst = told_src, told_dst
-                mode = cfg.mode if cfg.mode is not TLSMode.EITHER else await _sniff(sock)
+            try:
+                src, dst = _address(sock.getpeername()), _address(sock.getsockname())
+                async with asyncio.timeout(cfg.timeouts.handshake):
+                    if cfg.proxy_from and any(ipaddress.ip_address(src[0]) in net for net in cfg.proxy_from):
+                        told_src, told_dst = await _accept_proxy_header(sock)
+                        if told_src is not None:
+                            facts["peer"], facts["via"] = _show(told_src), peer
+                            src, dst = told_src, told_dst
+                    mode = cfg.mode if cfg.mode is not TLSMode.EITHER else await _sniff(sock)
+            except OSError as e:  # a reset (port probe) before we said or read anything
+                outcome, reason = "closed", f"client went away before TLS or SMTP began ({_describe(e)})"
+                return
             if mode is None:
                 outcome, reason = "closed", "client left before saying anything"
                 return
@@ -1873,10 +1895,12 @@ class ServerService(_Listener):
             async with asyncio.timeout(hs):
                 if client is not None:
                     transport = await loop.start_tls(client.transport, pump, ctx, server_side=True,
-                                                     ssl_handshake_timeout=hs)
+                                                     ssl_handshake_timeout=hs,
+                                                     ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
                 else:
                     transport, _ = await loop.connect_accepted_socket(lambda: pump, sock, ssl=ctx,
-                                                                      ssl_handshake_timeout=hs)
+                                                                      ssl_handshake_timeout=hs,
+                                                                      ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
         except BaseException as e:
             if client is not None:
                 client.transport.abort()
@@ -1959,10 +1983,13 @@ class ServerService(_Listener):
                     reply = await _read_reply(pump, keep=False, who=who)
                     if reply is None or reply.code // 100 != 2:
                         got = "closed the connection" if reply is None else f"{reply.code} {reply.lines[0]}"
-                        raise ProtocolError("", f"refused the client's replayed {handover.helo[:4].decode()}: {got}")
-        except (OSError, TimeoutError, asyncio.TimeoutError, ProtocolError) as e:
+                        raise ProtocolError("", f"refused the client's replayed "
+                                                f"{handover.helo[:4].decode('latin-1')}: {got}")
+        except BaseException as e:  # the backend connection never outlives a failure here (nor a cancel)
             if pump.transport is not None:
                 pump.transport.abort()
+            if not isinstance(e, (OSError, TimeoutError, asyncio.TimeoutError, ProtocolError)):
+                raise
             why = getattr(e, "reason", None) or _describe(e)
             raise SessionError("421 4.3.0 mail server unavailable, try again later",
                                why if why.startswith(who) else f"{who}: {why}") from None
@@ -2596,7 +2623,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         key=args.key,
         allow=tuple(args.allow),
         client_ca=args.client_ca,
-        allow_fingerprints=Pins.parse(args.allow_fingerprint, "--allow-fingerprint"),
+        allow_fingerprints=Pins.parse(args.allow_fingerprint, "--allow-fingerprint", named=True),
         hostname=args.hostname,
         client_cert=args.client_cert,
         starttls_optional=args.starttls_optional,
@@ -2777,6 +2804,9 @@ def _raise_open_files_limit() -> None:
 
 
 def _supervise(loader, grace: float, workers: int = 1) -> int:
+    # A reload asked for while we are still starting must not kill us (SIGHUP's default action):
+    # ignored until the supervisor's own handler is in place.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     services = loader()  # configuration errors surface here, before anything listens
     _raise_open_files_limit()
     if workers > 1:
@@ -2794,6 +2824,13 @@ def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -
     for name, svc in services.items():
         if svc.listen.port == 0:
             raise ConfigError("--workers", f"[{name}] needs a fixed --listen port (not 0) to share between workers")
+        # SO_REUSEPORT would also let us share the port with a forgotten older instance (and its old
+        # allowlist): make sure nobody listens there yet.
+        ep = svc.listen
+        try:
+            socket.create_server((ep.host, ep.port), family=socket.AF_INET6 if ":" in ep.host else socket.AF_INET).close()
+        except OSError as e:
+            raise ConfigError("--listen", f"[{name}] cannot listen on {ep}: {e.strerror or e}") from None
     children: dict[int, int] = {}
     state = {"stopping": False}
 
@@ -2805,7 +2842,8 @@ def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -
             return
         code = 1
         try:  # the worker: a process of its own from here on
-            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its supervisor handles it
+            for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
             _WORKER, _REUSE_PORT = number, True
             code = _supervise(loader, grace)
@@ -2853,7 +2891,8 @@ def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -
         _log_event(logging.ERROR, "worker", worker=number, pid=pid, outcome="died", code=code,
                    action="restarting it in 1 s")
         time.sleep(1)
-        spawn(number)
+        if not state["stopping"]:  # a SIGTERM during the pause: do not start what nobody will stop
+            spawn(number)
     return status
 
 

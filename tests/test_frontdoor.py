@@ -29,7 +29,7 @@ async def service(certs):
         kw.setdefault("allow", (str(certs.client.cert),))
         cfg = certproxy.ServerConfig(
             listen=certproxy.Endpoint(host="127.0.0.1", port=0),
-            backend=certproxy.Endpoint.parse(backend, "--backend"), mode=MODES[mode],
+            backend=backend and certproxy.Endpoint.parse(backend, "--backend"), mode=MODES[mode],
             cert=str(certs.server.cert), key=str(certs.server.key), hostname="mx.certproxy.test", **kw)
         svc = certproxy.ServerService(cfg)
         await svc.start()
@@ -117,13 +117,26 @@ class TestWireFormats:
         assert xclient_command({"ADDR"}, ("2001:db8::7", 4000), "alice") == b"XCLIENT ADDR=IPV6:2001:db8::7\r\n"
 
     def test_named_fingerprints(self, certs):
-        pins = certproxy.Pins.parse([f"{certs.client.fp} alice", certs.other_client.fp], "--allow-fingerprint")
+        pins = certproxy.Pins.parse([f"{certs.client.fp} alice", certs.other_client.fp], "--allow-fingerprint", named=True)
         assert pins.name_of(certs.client.der) == "alice"
         assert pins.name_of(certs.other_client.der) is None
         with pytest.raises(certproxy.ConfigError, match="--allow-fingerprint.*usable name"):
-            certproxy.Pins.parse([f"{certs.client.fp} al/ice"], "--allow-fingerprint")
+            certproxy.Pins.parse([f"{certs.client.fp} al/ice"], "--allow-fingerprint", named=True)
         with pytest.raises(certproxy.ConfigError, match="--allow-fingerprint.*not a SHA-256"):
-            certproxy.Pins.parse(["abcd alice"], "--allow-fingerprint")
+            certproxy.Pins.parse(["abcd alice"], "--allow-fingerprint", named=True)
+        assert certproxy.Pins.parse([f"{certs.client.fp}\talice"], "x", named=True).name_of(certs.client.der) == "alice"
+        with pytest.raises(certproxy.ConfigError, match="--pin.*only meaningful in --allow-fingerprint"):
+            certproxy.Pins.parse([f"{certs.client.fp} alice"], "--pin")
+
+    @pytest.mark.parametrize("line", [
+        b"PROXY TCP6 fe80::1%a\nQUIT 2001:db8::1 10 25\r\n",  # a scope id carrying a line feed
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1_0 25\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 25\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 010 25\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2" + b" " * 200 + b"\r\n",  # over the 107-byte maximum
+    ])
+    def test_proxy_v1_is_strict(self, line):
+        with pytest.raises(ValueError):
+            parse_proxy_header(line)
 
     def test_hide_extensions(self):
         f = certproxy.HideExtensions()
@@ -137,7 +150,7 @@ class TestXClient:
         caplog.set_level(logging.INFO, "certproxy")
         mta = await scripted_upstream(xclient_mta)
         svc = await service(mode, mta.endpoint, xclient=True,
-                            allow_fingerprints=certproxy.Pins.parse([f"{certs.client.fp} alice"], "x"))
+                            allow_fingerprints=certproxy.Pins.parse([f"{certs.client.fp} alice"], "x", named=True))
         reader, writer, greeting = await tls_open(svc.port, mode, client_ctx(certs, certs.client))
         if mode == "tls":
             assert greeting == b"220 after.xclient ESMTP\r\n"  # the greeting after XCLIENT is the client's
@@ -337,6 +350,39 @@ class TestOnePortBothModes:
         assert (await read_reply(reader)).startswith(b"530 5.7.0")
         writer.close()
         assert backend.connections == 0
+
+
+class TestReviewFindings:
+    async def test_reset_before_anything_is_a_closed_session_not_an_error(self, certs, service, sink, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        backend = await sink("b")
+        svc = await service("both", backend.endpoint, proxy_from=(ipaddress.ip_network("127.0.0.1/32"),))
+        s = socket.socket()
+        s.connect(("127.0.0.1", svc.port))
+        s.send(b"PROX")  # half a header, then a reset
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+        line = await session_line(caplog)
+        assert "outcome=error" not in line and "internal error" not in caplog.text, line
+
+    async def test_odd_blank_before_ehlo_is_not_taken_for_ehlo(self, certs, service, scripted_upstream, caplog):
+        """\xa0EHLO is not EHLO: under --starttls-optional it is the client's first unknown command, handed
+        to the untrusted backend byte for byte (no replayed greeting, no internal error)."""
+        caplog.set_level(logging.INFO, "certproxy")
+        mta = await scripted_upstream(xclient_mta)
+        svc = await service("starttls", None, client_cert="none", starttls_optional=True, xclient=True, allow=(),
+                            untrusted_backend=certproxy.Endpoint.parse(mta.endpoint, "x"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        await read_reply(reader)
+        writer.write(b"\xa0EHLO client.example\r\n")
+        await read_reply(reader)
+        writer.write(b"QUIT\r\n")
+        assert (await read_reply(reader)).startswith(b"221")
+        writer.close()
+        line = await session_line(caplog)
+        assert "internal error" not in line and "backend=" in line, line
+        assert bytes(mta.received).endswith(b"\r\n\xa0EHLO client.example\r\nQUIT\r\n")
+        assert bytes(mta.received).count(b"EHLO") == 2  # ours before XCLIENT, and the client's own
 
 
 class TestHandshakeFailureLines:

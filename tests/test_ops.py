@@ -323,6 +323,11 @@ class TestWorkers:
             while log.read_text().count("reload outcome=ok") < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert log.read_text().count("reload outcome=ok") == 2, log.read_text()
+            # a second instance cannot join the port through SO_REUSEPORT (with an old allowlist, say)
+            second = cli("server", "--tls", "--workers", "2", "--listen", f"127.0.0.1:{port}", "--backend",
+                         f"127.0.0.1:{sink_mta.port}", "--cert", str(certs.server.cert), "--key",
+                         str(certs.server.key), "--allow", str(certs.client.cert))
+            assert second.returncode == 2 and "--listen: [server] cannot listen on" in second.stderr, second.stderr
             proc.proc.send_signal(signal.SIGTERM)
             assert proc.proc.wait(20) == 0
         finally:

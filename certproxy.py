@@ -1472,6 +1472,24 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+def _listening_socket(ep: Endpoint, *, reuse_port: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+    return socket.create_server((ep.host, ep.port), family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
+
+
+def _cannot_listen(ep: Endpoint, e: OSError) -> str:
+    return f"cannot listen on {ep}: {e.strerror or e}"
+
+
+def _port_problem(ep: Endpoint) -> str:
+    """Why a listener could not be opened on ``ep`` right now (taken, not our address), or ""."""
+    try:
+        _listening_socket(ep).close()
+    except OSError as e:
+        return _cannot_listen(ep, e)
+    return ""
+
+
 class _Listener:
     """What both services share: a listening socket, an accept loop with a connection limit, and
     the live session tasks. Sockets are accepted raw, so each session decides how its transport
@@ -1524,13 +1542,10 @@ class _Listener:
                               if k not in ("sock", "active", "per_ip", "_accepting", "_watching")})
 
     async def _listen(self) -> None:
-        ep = self.listen
-        family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
         try:
-            self.sock = socket.create_server((ep.host, ep.port), family=family, backlog=LISTEN_BACKLOG,
-                                             reuse_port=_REUSE_PORT)
+            self.sock = _listening_socket(self.listen, reuse_port=_REUSE_PORT)
         except OSError as e:
-            raise ConfigError("--listen", f"cannot listen on {ep}: {e.strerror or e}") from None
+            raise ConfigError("--listen", _cannot_listen(self.listen, e)) from None
         self.sock.setblocking(False)
         loop = asyncio.get_running_loop()
         self._accepting = loop.create_task(self._accept_loop())
@@ -1821,9 +1836,10 @@ class ServerService(_Listener):
                     outcome = "refused" if gate.refused_clear else "closed"
                     reason = gate.reason or "client left before STARTTLS"
                     return
-            if gate is not None and gate.state is _GateState.HANDOVER:
+            handover = gate if gate is not None and gate.state is _GateState.HANDOVER else None
+            if handover is not None:
                 # --starttls-optional: a client staying in clear is a stranger, whatever it claims.
-                facts["tls"], facts["cert"] = "none", "none"
+                facts["cert"] = "none"
                 route, login = cfg.untrusted_backend, None
             else:
                 tls_pump = await self._handshake(ctx, cfg, tls_pump if gate else None, sock)
@@ -1834,9 +1850,8 @@ class ServerService(_Listener):
                     outcome, reason = "refused", refusal[1]
                     await self._refuse(tls_pump, refusal[0], mode, hostname, cfg.timeouts.dialogue)
                     return
-                gate = None
             facts["backend"] = str(route)
-            backend = await self._open_backend(cfg, tls_pump, route, src, dst, login, mode, hostname, gate)
+            backend = await self._open_backend(cfg, tls_pump, route, src, dst, login, mode, hostname, handover)
             backend.filter = HideExtensions()  # the client is inside TLS already: STARTTLS there is a lie
             splice = _Splice(tls_pump, backend, cfg.timeouts.idle)
             await splice.done
@@ -2722,12 +2737,9 @@ def check_services(services: dict[str, _Listener]) -> list[str]:
                 problem = expiry_problem(der)
                 if problem and problem.startswith("EXPIRED"):
                     problems.append(f"[{name}] {option}: {path} {problem}")
-        ep = svc.listen
-        try:
-            family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-            socket.create_server((ep.host, ep.port), family=family).close()
-        except OSError as e:
-            problems.append(f"[{name}] --listen: cannot listen on {ep}: {e.strerror or e}")
+        problem = _port_problem(svc.listen)
+        if problem:
+            problems.append(f"[{name}] --listen: {problem}")
     return problems
 
 
@@ -2826,11 +2838,9 @@ def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -
             raise ConfigError("--workers", f"[{name}] needs a fixed --listen port (not 0) to share between workers")
         # SO_REUSEPORT would also let us share the port with a forgotten older instance (and its old
         # allowlist): make sure nobody listens there yet.
-        ep = svc.listen
-        try:
-            socket.create_server((ep.host, ep.port), family=socket.AF_INET6 if ":" in ep.host else socket.AF_INET).close()
-        except OSError as e:
-            raise ConfigError("--listen", f"[{name}] cannot listen on {ep}: {e.strerror or e}") from None
+        problem = _port_problem(svc.listen)
+        if problem:
+            raise ConfigError("--listen", f"[{name}] {problem}")
     children: dict[int, int] = {}
     state = {"stopping": False}
 

@@ -148,7 +148,8 @@ class Scripted:
 async def scripted_upstream():
     servers = []
 
-    async def start(script) -> Scripted:
+    async def start(script, ssl: ssl.SSLContext | None = None) -> Scripted:
+        """``ssl``: an implicit-TLS upstream with this server context."""
         received = bytearray()
 
         async def handle(reader, writer):
@@ -159,7 +160,7 @@ async def scripted_upstream():
             finally:
                 writer.close()
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ssl)
         s = Scripted(server.sockets[0].getsockname()[1], received, server)
         servers.append(server)
         return s
@@ -168,6 +169,77 @@ async def scripted_upstream():
     for s in servers:
         s.close()
         await s.wait_closed()
+
+
+SERVER_MODES = {"tls": certproxy.TLSMode.IMPLICIT, "starttls": certproxy.TLSMode.STARTTLS,
+                "both": certproxy.TLSMode.EITHER}
+
+
+@pytest.fixture
+async def server_service(certs):
+    """Factory: an in-process certproxy server service on a free port (``mode``: tls, starttls or
+    both); ``allow`` defaults to the laptop's certificate. Stopped after the test."""
+    services = []
+
+    async def start(mode: str, backend: str | None, *, allow=None, **kw) -> certproxy.ServerService:
+        cfg = certproxy.ServerConfig(
+            listen=certproxy.Endpoint(host="127.0.0.1", port=0),
+            backend=backend and certproxy.Endpoint.parse(backend, "--backend"), mode=SERVER_MODES[mode],
+            cert=str(certs.server.cert), key=str(certs.server.key),
+            allow=tuple(str(a) for a in (allow if allow is not None else [certs.client.cert])),
+            hostname="mx.certproxy.test", **kw)
+        svc = certproxy.ServerService(cfg)
+        await svc.start()
+        services.append(svc)
+        return svc
+
+    yield start
+    for s in services:
+        await s.stop()
+
+
+@pytest.fixture
+async def sink():
+    """Factory: certproxy's sink MTA as a recording backend (``proxy``: it expects a PROXY v1 header)."""
+    sinks = []
+
+    async def start(name: str, keywords=("8BITMIME",), proxy=False) -> certproxy._SinkMTA:
+        s = certproxy._SinkMTA(name, keywords, proxy)
+        await s.start()
+        s.endpoint = f"127.0.0.1:{s.port}"
+        sinks.append(s)
+        return s
+
+    yield start
+    for s in sinks:
+        await s.stop()
+
+
+@pytest.fixture
+def sink_mta():
+    """certproxy's sink MTA for tests whose certproxy runs as a process: an asyncio server in a thread of its own."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    sink = certproxy._SinkMTA("backend.test")
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    asyncio.run_coroutine_threadsafe(sink.start(), loop).result(10)
+    yield sink
+    asyncio.run_coroutine_threadsafe(sink.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    t.join(10)
+    loop.close()
+
+
+def client_ctx(certs, pair=None) -> ssl.SSLContext:
+    """A client context that accepts any server and presents ``pair`` when given."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if pair is not None:
+        ctx.load_cert_chain(pair.cert, pair.key)
+    return ctx
 
 
 @pytest.fixture

@@ -13,9 +13,7 @@ import os
 import random
 import smtplib
 import socket
-import ssl
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,11 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import certproxy
-from conftest import read_reply, server_context, session_line
+from conftest import client_ctx, read_reply, server_context, session_line
 from realpeers import Process, free_port, require_tool
-from test_frontdoor import service, sink  # noqa: F401  (fixtures)
-from test_ops import sink_mta  # noqa: F401  (fixture)
-from test_server import MESSAGE, client_ctx, tls_open
+from test_server import MESSAGE, tls_open
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,9 +59,9 @@ class TestTLSAttacks:
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
         return out.decode(errors="replace")
 
-    async def test_client_initiated_renegotiation_is_refused(self, certs, service, sink):
+    async def test_client_initiated_renegotiation_is_refused(self, certs, server_service, sink):
         backend = await sink("b")
-        svc = await service("tls", backend.endpoint)
+        svc = await server_service("tls", backend.endpoint)
         out = await self.run_openssl("-connect", f"127.0.0.1:{svc.port}", "-tls1_2", "-cert", str(certs.client.cert),
                                      "-key", str(certs.client.key),
                                      stdin_script=[(1.0, b"R\n"), (1.5, b"NOOP\n")])
@@ -74,10 +70,10 @@ class TestTLSAttacks:
         assert b"NOOP" not in backend.received  # the connection did not survive the attempt
 
     @pytest.mark.parametrize("version", ["-tls1", "-tls1_1"])
-    async def test_old_tls_versions_are_refused(self, certs, service, sink, version, caplog):
+    async def test_old_tls_versions_are_refused(self, certs, server_service, sink, version, caplog):
         caplog.set_level(logging.INFO, "certproxy")
         backend = await sink("b")
-        svc = await service("tls", backend.endpoint)
+        svc = await server_service("tls", backend.endpoint)
         out = await self.run_openssl("-connect", f"127.0.0.1:{svc.port}", version, "-cipher", "DEFAULT@SECLEVEL=0",
                                      "-cert", str(certs.client.cert), "-key", str(certs.client.key))
         assert "220 " not in out
@@ -85,10 +81,10 @@ class TestTLSAttacks:
         assert "UNSUPPORTED_PROTOCOL" in line and "outcome=refused" in line, line
         assert backend.connections == 0
 
-    async def test_starttls_inside_tls_is_the_mtas_business(self, certs, service, sink):
+    async def test_starttls_inside_tls_is_the_mtas_business(self, certs, server_service, sink):
         # certproxy does not start a second handshake; the command goes to the MTA like any other.
         backend = await sink("b")
-        svc = await service("starttls", backend.endpoint)
+        svc = await server_service("starttls", backend.endpoint)
         reader, writer, _ = await tls_open(svc.port, "starttls", client_ctx(certs, certs.client))
         writer.write(b"EHLO laptop.test\r\n")
         assert b"STARTTLS" not in await read_reply(reader)  # hidden: it would be a lie inside TLS
@@ -99,10 +95,10 @@ class TestTLSAttacks:
         writer.close()
         assert backend.received == b"EHLO laptop.test\r\nSTARTTLS\r\nNOOP\r\n"
 
-    async def test_nothing_said_before_tls_reaches_the_mta(self, certs, service, sink):
+    async def test_nothing_said_before_tls_reaches_the_mta(self, certs, server_service, sink):
         # EHLO argument tampering: the pre-TLS EHLO (whatever it claims) never leaves certproxy.
         backend = await sink("b")
-        svc = await service("starttls", backend.endpoint)
+        svc = await server_service("starttls", backend.endpoint)
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
         await read_reply(reader)
         writer.write(b"EHLO evil.example XCLIENT=ADDR\r\n")
@@ -186,7 +182,7 @@ class TestResourceAbuse:
         print(f"RSS {before} KB -> {after} KB with 200 idle pre-TLS sockets (+{growth / 200:.1f} KB each)")
         assert growth < 32 * 1024, growth  # bounded: far below anything a 1 MB line or a flood could cost
 
-    async def test_client_that_stops_reading_stalls_the_mta_not_our_memory(self, certs, service, scripted_upstream):
+    async def test_client_that_stops_reading_stalls_the_mta_not_our_memory(self, certs, server_service, scripted_upstream):
         """The MTA keeps talking, the client reads nothing: certproxy stops reading the MTA once its
         buffers towards the client are full."""
         written = 0
@@ -211,7 +207,7 @@ class TestResourceAbuse:
                     return
 
         mta = await scripted_upstream(chatty)
-        svc = await service("tls", mta.endpoint)
+        svc = await server_service("tls", mta.endpoint)
         reader, writer, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
         assert greeting.startswith(b"220 chatty")
         writer.write(b"NOOP\r\n")  # and never reads again
@@ -241,9 +237,9 @@ async def dies_in_data(reader, writer, received):
 
 class TestDyingPeers:
     @pytest.mark.parametrize("mode", ["tls", "starttls"])
-    async def test_mta_dies_mid_data(self, certs, service, scripted_upstream, mode, caplog):
+    async def test_mta_dies_mid_data(self, certs, server_service, scripted_upstream, mode, caplog):
         mta = await scripted_upstream(dies_in_data)
-        svc = await service(mode, mta.endpoint)
+        svc = await server_service(mode, mta.endpoint)
 
         def send():
             s = smtplib.SMTP_SSL("127.0.0.1", svc.port, context=client_ctx(certs, certs.client), timeout=20) \
@@ -258,35 +254,22 @@ class TestDyingPeers:
             await asyncio.to_thread(send)
         assert e.value.smtp_code == 421 and b"not accepted" in e.value.smtp_error, e.value
 
-    async def test_upstream_dies_mid_data(self, certs, client_service):
+    async def test_upstream_dies_mid_data(self, certs, client_service, scripted_upstream):
         """certproxy client: the pinned upstream dies during DATA; the MUA gets 421, not silence."""
-        received = bytearray()
+        up = await scripted_upstream(dies_in_data, ssl=server_context(certs.server, [certs.client]))
+        svc = await client_service(up.endpoint, mode="tls")
 
-        async def handle(reader, writer):
-            try:
-                await dies_in_data(reader, writer, received)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
+        def send():
+            with smtplib.SMTP("127.0.0.1", svc.port, timeout=20) as s:
+                return s.sendmail("a@laptop.test", ["b@example.net"], MESSAGE)
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(certs.server, [certs.client]))
-        up = server.sockets[0].getsockname()[1]
-        try:
-            svc = await client_service(f"127.0.0.1:{up}", mode="tls")
+        with pytest.raises(smtplib.SMTPResponseException) as e:
+            await asyncio.to_thread(send)
+        assert e.value.smtp_code == 421, e.value
 
-            def send():
-                with smtplib.SMTP("127.0.0.1", svc.port, timeout=20) as s:
-                    return s.sendmail("a@laptop.test", ["b@example.net"], MESSAGE)
-
-            with pytest.raises(smtplib.SMTPResponseException) as e:
-                await asyncio.to_thread(send)
-            assert e.value.smtp_code == 421, e.value
-        finally:
-            server.close()
-            await server.wait_closed()
-
-    async def test_normal_quit_gets_no_extra_reply(self, certs, service, sink):
+    async def test_normal_quit_gets_no_extra_reply(self, certs, server_service, sink):
         backend = await sink("b")
-        svc = await service("tls", backend.endpoint)
+        svc = await server_service("tls", backend.endpoint)
         reader, writer, _ = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
         writer.write(b"QUIT\r\n")
         rest = await asyncio.wait_for(reader.read(), 10)
@@ -386,9 +369,9 @@ class TestFuzzing:
             n, src, dst = parsed
             assert 0 < n <= len(data)
 
-    async def test_random_bytes_at_the_listener_never_reach_the_backend(self, certs, service, sink):
+    async def test_random_bytes_at_the_listener_never_reach_the_backend(self, certs, server_service, sink):
         backend = await sink("b")
-        svc = await service("both", backend.endpoint)
+        svc = await server_service("both", backend.endpoint)
         rng = random.Random(20261123)
         for _ in range(60):
             reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)

@@ -14,48 +14,8 @@ import pytest
 
 import certproxy
 from certproxy import parse_proxy_header, proxy_header, xclient_command, xtext
-from conftest import read_reply, session_line
-from test_server import client_ctx, smtplib_send, tls_open
-
-MODES = {"tls": certproxy.TLSMode.IMPLICIT, "starttls": certproxy.TLSMode.STARTTLS,
-         "both": certproxy.TLSMode.EITHER}
-
-
-@pytest.fixture
-async def service(certs):
-    services = []
-
-    async def start(mode: str, backend: str, **kw) -> certproxy.ServerService:
-        kw.setdefault("allow", (str(certs.client.cert),))
-        cfg = certproxy.ServerConfig(
-            listen=certproxy.Endpoint(host="127.0.0.1", port=0),
-            backend=backend and certproxy.Endpoint.parse(backend, "--backend"), mode=MODES[mode],
-            cert=str(certs.server.cert), key=str(certs.server.key), hostname="mx.certproxy.test", **kw)
-        svc = certproxy.ServerService(cfg)
-        await svc.start()
-        services.append(svc)
-        return svc
-
-    yield start
-    for s in services:
-        await s.stop()
-
-
-@pytest.fixture
-async def sink():
-    sinks = []
-
-    async def start(name: str, keywords=("8BITMIME",), proxy=False) -> certproxy._SinkMTA:
-        s = certproxy._SinkMTA(name, keywords, proxy)
-        await s.start()
-        s.endpoint = f"127.0.0.1:{s.port}"
-        sinks.append(s)
-        return s
-
-    yield start
-    for s in sinks:
-        await s.stop()
-
+from conftest import client_ctx, read_reply, session_line
+from test_server import smtplib_send, tls_open
 
 async def xclient_mta(reader, writer, received, *, offer="XCLIENT NAME ADDR PORT LOGIN", answer=b"220 after.xclient ESMTP\r\n"):
     """A backend that speaks XCLIENT the way Postfix does: a new greeting after it."""
@@ -146,10 +106,10 @@ class TestWireFormats:
 
 class TestXClient:
     @pytest.mark.parametrize("mode", ["tls", "starttls"])
-    async def test_backend_is_told_address_and_name(self, certs, service, scripted_upstream, mode, caplog):
+    async def test_backend_is_told_address_and_name(self, certs, server_service, scripted_upstream, mode, caplog):
         caplog.set_level(logging.INFO, "certproxy")
         mta = await scripted_upstream(xclient_mta)
-        svc = await service(mode, mta.endpoint, xclient=True,
+        svc = await server_service(mode, mta.endpoint, xclient=True,
                             allow_fingerprints=certproxy.Pins.parse([f"{certs.client.fp} alice"], "x", named=True))
         reader, writer, greeting = await tls_open(svc.port, mode, client_ctx(certs, certs.client))
         if mode == "tls":
@@ -166,9 +126,9 @@ class TestXClient:
         assert sent[2] == b"EHLO laptop.test"
         assert "cert_name=alice" in line and "outcome=ok" in line
 
-    async def test_name_defaults_to_common_name(self, certs, service, scripted_upstream):
+    async def test_name_defaults_to_common_name(self, certs, server_service, scripted_upstream):
         mta = await scripted_upstream(xclient_mta)
-        svc = await service("tls", mta.endpoint, xclient=True)
+        svc = await server_service("tls", mta.endpoint, xclient=True)
         reader, writer, _ = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
         writer.close()
         await asyncio.sleep(0.2)
@@ -178,13 +138,13 @@ class TestXClient:
         ("", b"", "does not offer XCLIENT"),
         ("XCLIENT NAME ADDR", b"550 5.7.0 Error: insufficient authorization\r\n", "refused XCLIENT: 550"),
     ])
-    async def test_backend_without_xclient_fails_closed(self, certs, service, scripted_upstream, offer, answer,
+    async def test_backend_without_xclient_fails_closed(self, certs, server_service, scripted_upstream, offer, answer,
                                                         expect, caplog):
         async def mta(r, w, rec):
             await xclient_mta(r, w, rec, offer=offer, answer=answer)
 
         backend = await scripted_upstream(mta)
-        svc = await service("tls", backend.endpoint, xclient=True)
+        svc = await server_service("tls", backend.endpoint, xclient=True)
         reader, writer, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
         assert greeting.startswith(b"421 4.3.0 ")
         line = await session_line(caplog)
@@ -194,7 +154,7 @@ class TestXClient:
 
 class TestProxyProtocolOut:
     @pytest.mark.parametrize("version", ["v1", "v2"])
-    async def test_header_precedes_everything(self, certs, service, scripted_upstream, version, caplog):
+    async def test_header_precedes_everything(self, certs, server_service, scripted_upstream, version, caplog):
         caplog.set_level(logging.INFO, "certproxy")
 
         async def mta(reader, writer, received):
@@ -209,7 +169,7 @@ class TestProxyProtocolOut:
                 writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
 
         backend = await scripted_upstream(mta)
-        svc = await service("starttls", backend.endpoint, proxy_protocol=version)
+        svc = await server_service("starttls", backend.endpoint, proxy_protocol=version)
         reader, writer, _ = await tls_open(svc.port, "starttls", client_ctx(certs, certs.client))
         local_port = writer.get_extra_info("sockname")[1]
         writer.write(b"QUIT\r\n")
@@ -238,10 +198,10 @@ class TestProxyProtocolIn:
 
     @pytest.mark.parametrize("mode", ["tls", "starttls"])
     @pytest.mark.parametrize("version", ["v1", "v2"])
-    async def test_real_client_address_is_used(self, certs, service, scripted_upstream, mode, version, caplog):
+    async def test_real_client_address_is_used(self, certs, server_service, scripted_upstream, mode, version, caplog):
         caplog.set_level(logging.INFO, "certproxy")
         mta = await scripted_upstream(xclient_mta)
-        svc = await service(mode, mta.endpoint, xclient=True, proxy_from=(ipaddress.ip_network("127.0.0.0/8"),))
+        svc = await server_service(mode, mta.endpoint, xclient=True, proxy_from=(ipaddress.ip_network("127.0.0.0/8"),))
         header = proxy_header(version, ("198.51.100.9", 51515), ("192.0.2.25", 465))
         reader, writer, _ = await self.open_via_lb(svc.port, header, mode, client_ctx(certs, certs.client))
         writer.write(b"NOOP\r\n")
@@ -251,9 +211,9 @@ class TestProxyProtocolIn:
         assert "peer=198.51.100.9:51515" in line and "via=127.0.0.1:" in line and "outcome=ok" in line, line
         assert b"XCLIENT ADDR=198.51.100.9 PORT=51515 " in mta.received
 
-    async def test_lb_connection_without_header_is_closed(self, certs, service, sink, caplog):
+    async def test_lb_connection_without_header_is_closed(self, certs, server_service, sink, caplog):
         backend = await sink("b")
-        svc = await service("starttls", backend.endpoint, proxy_from=(ipaddress.ip_network("127.0.0.1/32"),))
+        svc = await server_service("starttls", backend.endpoint, proxy_from=(ipaddress.ip_network("127.0.0.1/32"),))
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
         writer.write(b"EHLO sneaky.test\r\n")
         try:  # no greeting, nothing: the bytes were not a PROXY header (unread input: a reset is fine)
@@ -265,9 +225,9 @@ class TestProxyProtocolIn:
         assert "without a valid PROXY header" in line and "outcome=refused" in line, line
         assert backend.connections == 0
 
-    async def test_other_addresses_need_no_header(self, certs, service, sink):
+    async def test_other_addresses_need_no_header(self, certs, server_service, sink):
         backend = await sink("b")
-        svc = await service("starttls", backend.endpoint, proxy_from=(ipaddress.ip_network("192.0.2.0/24"),))
+        svc = await server_service("starttls", backend.endpoint, proxy_from=(ipaddress.ip_network("192.0.2.0/24"),))
         assert await asyncio.to_thread(smtplib_send, svc.port, "starttls", client_ctx(certs, certs.client)) == {}
         assert backend.messages
 
@@ -279,10 +239,10 @@ class TestUntrustedBackend:
 
     @pytest.mark.parametrize("mode", ["tls", "starttls"])
     @pytest.mark.parametrize("who,lands,cert", [("client", "trusted", "allowed"), (None, "untrusted", "none")])
-    async def test_routing(self, certs, service, pair, mode, who, lands, cert, caplog):
+    async def test_routing(self, certs, server_service, pair, mode, who, lands, cert, caplog):
         caplog.set_level(logging.INFO, "certproxy")
         trusted, untrusted = pair
-        svc = await service(mode, trusted.endpoint, client_cert="optional", proxy_protocol="v1",
+        svc = await server_service(mode, trusted.endpoint, client_cert="optional", proxy_protocol="v1",
                             untrusted_backend=certproxy.Endpoint.parse(untrusted.endpoint, "x"))
         ctx = client_ctx(certs, getattr(certs, who) if who else None)
         assert await asyncio.to_thread(smtplib_send, svc.port, mode, ctx) == {}
@@ -293,11 +253,11 @@ class TestUntrustedBackend:
         line = await session_line(caplog)
         assert f"cert={cert}" in line and f"backend={got.endpoint}" in line, line
 
-    async def test_ca_certificate_outside_fingerprints_goes_untrusted(self, certs, service, pair, tmp_path):
+    async def test_ca_certificate_outside_fingerprints_goes_untrusted(self, certs, server_service, pair, tmp_path):
         # A certificate the handshake accepts (an --allow file) but the fingerprint list does not:
         # refused under `required`, routed to the untrusted backend under `optional`.
         trusted, untrusted = pair
-        svc = await service("tls", trusted.endpoint, client_cert="optional", proxy_protocol="v1",
+        svc = await server_service("tls", trusted.endpoint, client_cert="optional", proxy_protocol="v1",
                             allow=(str(certs.client.cert), str(certs.other_client.cert)),
                             allow_fingerprints=certproxy.Pins.parse([certs.client.fp], "x"),
                             untrusted_backend=certproxy.Endpoint.parse(untrusted.endpoint, "x"))
@@ -323,27 +283,27 @@ class TestUntrustedBackend:
 
 class TestOnePortBothModes:
     @pytest.mark.parametrize("mode", ["tls", "starttls"])
-    async def test_each_client_gets_its_mode(self, certs, service, sink, mode, caplog):
+    async def test_each_client_gets_its_mode(self, certs, server_service, sink, mode, caplog):
         caplog.set_level(logging.INFO, "certproxy")
         backend = await sink("b")
-        svc = await service("both", backend.endpoint)
+        svc = await server_service("both", backend.endpoint)
         assert await asyncio.to_thread(smtplib_send, svc.port, mode, client_ctx(certs, certs.client)) == {}
         line = await session_line(caplog)
         assert f"tls={'implicit' if mode == 'tls' else mode} " in line and "outcome=ok" in line, line
 
-    async def test_tls_client_is_not_kept_waiting(self, certs, service, sink, monkeypatch):
+    async def test_tls_client_is_not_kept_waiting(self, certs, server_service, sink, monkeypatch):
         # With the fallback wait set far beyond read_reply's timeout, a TLS client only gets its
         # greeting if the sniff decides on the ClientHello itself.
         monkeypatch.setattr(certproxy, "DUAL_SNIFF_S", 300.0)
         backend = await sink("b")
-        svc = await service("both", backend.endpoint)
+        svc = await server_service("both", backend.endpoint)
         reader, writer, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
         assert greeting.startswith(b"220 b ")
         writer.close()
 
-    async def test_plaintext_is_never_spliced(self, certs, service, sink):
+    async def test_plaintext_is_never_spliced(self, certs, server_service, sink):
         backend = await sink("b")
-        svc = await service("both", backend.endpoint)
+        svc = await server_service("both", backend.endpoint)
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
         assert (await read_reply(reader)).startswith(b"220 mx.certproxy.test")
         writer.write(b"MAIL FROM:<a@b>\r\n")
@@ -353,10 +313,10 @@ class TestOnePortBothModes:
 
 
 class TestReviewFindings:
-    async def test_reset_before_anything_is_a_closed_session_not_an_error(self, certs, service, sink, caplog):
+    async def test_reset_before_anything_is_a_closed_session_not_an_error(self, certs, server_service, sink, caplog):
         caplog.set_level(logging.INFO, "certproxy")
         backend = await sink("b")
-        svc = await service("both", backend.endpoint, proxy_from=(ipaddress.ip_network("127.0.0.1/32"),))
+        svc = await server_service("both", backend.endpoint, proxy_from=(ipaddress.ip_network("127.0.0.1/32"),))
         s = socket.socket()
         s.connect(("127.0.0.1", svc.port))
         s.send(b"PROX")  # half a header, then a reset
@@ -365,12 +325,12 @@ class TestReviewFindings:
         line = await session_line(caplog)
         assert "outcome=error" not in line and "internal error" not in caplog.text, line
 
-    async def test_odd_blank_before_ehlo_is_not_taken_for_ehlo(self, certs, service, scripted_upstream, caplog):
+    async def test_odd_blank_before_ehlo_is_not_taken_for_ehlo(self, certs, server_service, scripted_upstream, caplog):
         """\xa0EHLO is not EHLO: under --starttls-optional it is the client's first unknown command, handed
         to the untrusted backend byte for byte (no replayed greeting, no internal error)."""
         caplog.set_level(logging.INFO, "certproxy")
         mta = await scripted_upstream(xclient_mta)
-        svc = await service("starttls", None, client_cert="none", starttls_optional=True, xclient=True, allow=(),
+        svc = await server_service("starttls", None, client_cert="none", starttls_optional=True, xclient=True, allow=(),
                             untrusted_backend=certproxy.Endpoint.parse(mta.endpoint, "x"))
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
         await read_reply(reader)
@@ -386,10 +346,10 @@ class TestReviewFindings:
 
 
 class TestHandshakeFailureLines:
-    async def test_stranger_and_probe_are_told_apart(self, certs, service, sink, caplog):
+    async def test_stranger_and_probe_are_told_apart(self, certs, server_service, sink, caplog):
         caplog.set_level(logging.INFO, "certproxy")
         backend = await sink("b")
-        svc = await service("tls", backend.endpoint)
+        svc = await server_service("tls", backend.endpoint)
         try:  # TLS 1.3: the client learns of the rejection after its own handshake, as an alert or EOF
             r, w, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.other_client))
             assert greeting == b""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import client_ctx
 from realpeers import Postfix, Process, free_port, require_tool, smtp_sink, stunnel, wait_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,16 +226,13 @@ class TestServerInFrontOfPostfix:
 
     def test_a_client_cannot_send_xclient_itself(self, tmp_path, certs, fronted_postfix):
         import smtplib
-        import ssl
 
         pf, port = fronted_postfix, free_port()
         proc = certproxy(tmp_path, "server", "server", "--tls", "--listen", f"127.0.0.1:{port}",
                          "--backend", f"127.0.0.1:{pf.ports['trusted']}", "--xclient", "--cert",
                          str(certs.server.cert), "--key", str(certs.server.key), "--allow", str(certs.client.cert),
                          port=port)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        ctx.load_cert_chain(certs.client.cert, certs.client.key)
+        ctx = client_ctx(certs, certs.client)
         try:
             # From an address outside smtpd_authorized_xclient_hosts, as every remote client is. (A
             # client from an authorised address may XCLIENT anyway: it could talk to the port directly.)

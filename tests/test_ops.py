@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import certproxy
-from conftest import read_reply
+from conftest import client_ctx, read_reply
 from realpeers import Process, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,9 +114,7 @@ pin = ["{certs.server.fp}"]
 
 
 def tls_greeting(port: int, certs, pair) -> bytes:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    ctx.load_cert_chain(pair.cert, pair.key)
+    ctx = client_ctx(certs, pair)
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost") as s:
         s.sendall(b"MAIL FROM:<a@b>\r\n")  # the cert-less / unknown answer comes to a command
         data = s.recv(4096)
@@ -127,23 +125,6 @@ def tls_greeting(port: int, certs, pair) -> bytes:
         return data
 
 
-@pytest.fixture
-def sink_mta():
-    """certproxy's own sink MTA in a thread-free subprocess-friendly form: an asyncio server in a thread."""
-    import threading
-
-    loop = asyncio.new_event_loop()
-    sink = certproxy._SinkMTA("backend.test")
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
-    asyncio.run_coroutine_threadsafe(sink.start(), loop).result(10)
-    yield sink
-    asyncio.run_coroutine_threadsafe(sink.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    t.join(10)
-    loop.close()
-
-
 class TestReloadAndDrain:
     def test_reload_keeps_sessions_and_applies_new_allowlist(self, tmp_path, certs, sink_mta):
         port = free_port()
@@ -151,9 +132,7 @@ class TestReloadAndDrain:
         conf.write_text(server_table(certs, port, sink_mta.port))
         proc = Process([sys.executable, str(ROOT / "certproxy.py"), "run", str(conf)], port, tmp_path / "run.log")
         try:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            ctx.load_cert_chain(certs.client.cert, certs.client.key)
+            ctx = client_ctx(certs, certs.client)
             live = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
             assert live.recv(1024).startswith(b"220 backend.test")
             # 1. a broken configuration is refused, the running one kept
@@ -195,9 +174,7 @@ class TestReloadAndDrain:
             return certproxy.format_fingerprint(certproxy.cert_fingerprint(sock.getpeercert(binary_form=True)))
 
         try:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            ctx.load_cert_chain(certs.client.cert, certs.client.key)
+            ctx = client_ctx(certs, certs.client)
             live = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
             assert live.recv(1024).startswith(b"220") and served_fp(live) == certs.server.fp
             shutil.copy(certs.other_server.cert, cert)  # the renewal: same paths, new certificate and key
@@ -219,9 +196,7 @@ class TestReloadAndDrain:
         proc = Process([sys.executable, str(ROOT / "certproxy.py"), "run", str(conf), "--grace", "20"], port,
                        tmp_path / "run.log")
         try:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            ctx.load_cert_chain(certs.client.cert, certs.client.key)
+            ctx = client_ctx(certs, certs.client)
             live = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
             assert live.recv(1024).startswith(b"220")
             proc.proc.send_signal(signal.SIGTERM)
@@ -305,9 +280,7 @@ class TestWorkers:
                 time.sleep(0.05)
             pids = re.search(r"workers count=2 pids=(\d+),(\d+)", log.read_text())
             assert pids, log.read_text()
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            ctx.load_cert_chain(certs.client.cert, certs.client.key)
+            ctx = client_ctx(certs, certs.client)
             for _ in range(24):  # SO_REUSEPORT hashes each new connection to one of the two
                 with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as s:
                     assert s.recv(1024).startswith(b"220 backend.test")

@@ -10,7 +10,7 @@ import ssl
 import pytest
 
 import certproxy
-from conftest import read_reply, session_line
+from conftest import client_ctx, read_reply, session_line
 
 MESSAGE = b"From: a@laptop.test\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nhello through certproxy server\r\n"
 
@@ -23,37 +23,6 @@ async def backend():
     b.endpoint = f"127.0.0.1:{b.port}"
     yield b
     await b.stop()
-
-
-@pytest.fixture
-async def server_service(certs):
-    services = []
-
-    async def start(mode: str, backend: str, *, allow=None, **kw) -> certproxy.ServerService:
-        cfg = certproxy.ServerConfig(
-            listen=certproxy.Endpoint(host="127.0.0.1", port=0),
-            backend=certproxy.Endpoint.parse(backend, "--backend"),
-            mode=certproxy.TLSMode.IMPLICIT if mode == "tls" else certproxy.TLSMode.STARTTLS,
-            cert=str(certs.server.cert), key=str(certs.server.key),
-            allow=tuple(str(a) for a in (allow if allow is not None else [certs.client.cert])),
-            hostname="mx.certproxy.test", **kw)
-        svc = certproxy.ServerService(cfg)
-        await svc.start()
-        services.append(svc)
-        return svc
-
-    yield start
-    for s in services:
-        await s.stop()
-
-
-def client_ctx(certs, pair=None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if pair is not None:
-        ctx.load_cert_chain(pair.cert, pair.key)
-    return ctx
 
 
 def smtplib_send(port: int, mode: str, ctx: ssl.SSLContext) -> dict:

@@ -31,11 +31,15 @@ import os
 import re
 import signal
 import socket
-import ssl
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+try:
+    from OpenSSL import SSL, crypto
+except ImportError:  # main() says what to install; importing the module for its tools still works
+    SSL = crypto = None
 
 __version__ = "0.1.0"
 __all__ = [
@@ -109,18 +113,26 @@ class SessionError(CertProxyError):
     The reply never carries exception text: it is a fixed string chosen where the error is raised.
     """
 
-    def __init__(self, reply: str, reason: str) -> None:
+    outcome = "failed"  # for the session line
+
+    def __init__(self, reply: str, reason: str, *, outcome: str | None = None) -> None:
         super().__init__(reason)
         self.reply = reply
         self.reason = reason
+        if outcome is not None:
+            self.outcome = outcome
 
 
 class ProtocolError(SessionError):
     """The SMTP peer did something the protocol (or our security policy) does not allow."""
 
+    outcome = "refused"
+
 
 class PeerRejected(SessionError):
     """The peer's certificate is not the one we trust."""
+
+    outcome = "refused"
 
 
 # endregion
@@ -376,104 +388,420 @@ def upstream_mode(endpoint: Endpoint, starttls: bool, tls: bool) -> TLSMode:
 
 
 # endregion
-# region TLS contexts -----------------------------------------------------------------------------
+# region TLS engine and certificate policy --------------------------------------------------------
+#
+# Both ends run TLS on pyOpenSSL Connections over memory BIOs, driven by certproxy's own pumps (see
+# _Pump): bytes from the socket go in, plaintext and the bytes owed to the socket come out. The verify
+# callback never decides on the server: it records OpenSSL's verdict on the chain and says yes, so
+# that every client certificate completes the handshake and is judged in Python afterwards (like
+# Postfix and Exim), with a reason, a fingerprint and an SMTP reply. On the client it is the gate: a
+# server that fails the pin (or CA and name) is refused inside the handshake, before our own
+# certificate is sent.
+
+# Python's own default cipher string (3.10+): TLS 1.2 suites with forward secrecy and AEAD or AES only.
+_CIPHERS = b"@SECLEVEL=2:ECDH+AESGCM:ECDH+CHACHA20:ECDH+AES:DHE+AES:!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM"
+_BIO_CHUNK = 65536  # bytes taken from OpenSSL's outgoing memory BIO per call
+_RECV_CHUNK = 16384  # plaintext taken per call: one TLS record at most
+# OpenSSL's X509_V_ERR_* numbers that people meet, in words (the rest are shown by number).
+_VERIFY_ERRORS = {
+    2: "the issuer certificate could not be found", 7: "the certificate signature does not verify",
+    9: "the certificate is not yet valid", 10: "the certificate has expired",
+    13: "the certificate's notBefore is malformed", 14: "the certificate's notAfter is malformed",
+    18: "self-signed certificate", 19: "self-signed certificate in the chain",
+    20: "unable to get the local issuer certificate", 21: "unable to verify the first certificate",
+    24: "invalid CA certificate", 25: "path length constraint exceeded",
+    26: "unsupported certificate purpose", 62: "hostname mismatch",
+}
 
 
-def _harden(ctx: ssl.SSLContext) -> None:
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    # Leaf certificates as trust anchors need PARTIAL_CHAIN; Python 3.13 adds X509_STRICT, which
-    # rejects many self-signed certificates people already have. Choose the flags ourselves.
-    ctx.verify_flags = (ctx.verify_flags | ssl.VERIFY_X509_PARTIAL_CHAIN) & ~getattr(ssl, "VERIFY_X509_STRICT", 0)
+def _verify_error(errno: int) -> str:
+    return _VERIFY_ERRORS.get(errno, f"OpenSSL verify error {errno}")
 
 
-def _no_password() -> bytes:
+def _tls_reason(e: Exception) -> str:
+    """The words of a pyOpenSSL error: OpenSSL's reason strings ('tlsv1 alert unknown ca'), never a repr."""
+    if isinstance(e, SSL.SysCallError):
+        return "connection closed during the TLS handshake"
+    reasons = [r[2] for r in (e.args[0] if e.args and isinstance(e.args[0], list) else ())
+               if isinstance(r, tuple) and len(r) == 3 and r[2]]
+    return "; ".join(dict.fromkeys(reasons)) or str(e) or type(e).__name__
+
+
+class _PeerCheck:
+    """What the verify callback learned about one connection's peer. On a server it only records
+    OpenSSL's first complaint about the chain; on a client ``leaf`` (the pin, or the CA and name
+    check) decides at depth 0 and its reason is kept for the log."""
+
+    __slots__ = ("error", "leaf", "refusal")
+
+    def __init__(self, leaf=None) -> None:
+        self.error: tuple[int, int] | None = None  # (X509_V_ERR number, depth) of the first complaint
+        self.leaf = leaf  # client only: callable(der, chain_error) -> "" (fine) or why not
+        self.refusal = ""
+
+    def on_verify(self, cert, errno: int, depth: int, ok: int) -> bool:
+        if not ok and self.error is None:
+            self.error = (errno, depth)
+        if self.leaf is None or depth:
+            return True
+        self.refusal = self.leaf(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert), self.error)
+        return not self.refusal
+
+
+def _on_verify(conn, cert, errno: int, depth: int, ok: int) -> bool:
+    return conn.get_app_data().on_verify(cert, errno, depth, ok)
+
+
+class _TLS:
+    """One TLS connection on memory BIOs, sans-IO: ``receive`` takes bytes from the socket and returns
+    plaintext; after every call ``outgoing`` holds what must go to the socket (handshake messages,
+    records, alerts, close_notify)."""
+
+    __slots__ = ("conn", "check", "up", "closed")
+
+    def __init__(self, ctx: SSL.Context, *, server: bool, sni: str | None = None, leaf=None) -> None:
+        conn = SSL.Connection(ctx, None)
+        self.check = _PeerCheck(leaf)
+        conn.set_app_data(self.check)
+        if server:
+            conn.set_accept_state()
+        else:
+            conn.set_connect_state()
+            if sni and not _is_ip(sni):
+                conn.set_tlsext_host_name(sni.encode("idna"))
+        self.conn = conn
+        self.up = False  # the handshake is complete
+        self.closed = False  # the peer's close_notify arrived
+
+    def start(self) -> bytes:
+        """Begin the handshake: a client's ClientHello, nothing for a server."""
+        self._step()
+        return self.outgoing()
+
+    def _step(self) -> None:
+        try:
+            self.conn.do_handshake()
+        except SSL.WantReadError:
+            return
+        self.up = True
+
+    def receive(self, data: bytes) -> bytes:
+        """Bytes from the socket in; the plaintext they complete out. Raises SSL.Error."""
+        conn = self.conn
+        conn.bio_write(data)
+        if not self.up:
+            self._step()
+            if not self.up:
+                return b""
+        out = []
+        while True:
+            try:
+                out.append(conn.recv(_RECV_CHUNK))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self.closed = True
+                break
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def send(self, data: bytes) -> bytes:
+        """Plaintext in; the records to write to the socket out."""
+        self.conn.sendall(data)
+        return self.outgoing()
+
+    def outgoing(self) -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunks.append(self.conn.bio_read(_BIO_CHUNK))
+            except SSL.WantReadError:
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def shutdown(self) -> bytes:
+        """Our close_notify (once the handshake is done; an unfinished handshake just ends)."""
+        if not self.up:
+            return b""
+        try:
+            self.conn.shutdown()
+        except SSL.Error:
+            pass
+        return self.outgoing()
+
+    def peer_der(self) -> bytes | None:
+        cert = self.conn.get_peer_certificate()
+        return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+
+    def verified_chain(self) -> list[bytes]:
+        """The chain OpenSSL built for the peer, leaf first, trust anchor last (whatever its verdict)."""
+        chain = self.conn.get_verified_chain() or []
+        return [crypto.dump_certificate(crypto.FILETYPE_ASN1, c) for c in chain]
+
+    def peer_chain(self) -> list[bytes]:
+        """The certificates as the peer sent them."""
+        chain = self.conn.get_peer_cert_chain() or []
+        return [crypto.dump_certificate(crypto.FILETYPE_ASN1, c) for c in chain]
+
+    def facts(self) -> dict[str, str]:
+        conn = self.conn
+        return {"tls_version": conn.get_protocol_version_name() or "?", "cipher": conn.get_cipher_name() or "?"}
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _no_password(*_args) -> bytes:
     return b""  # an encrypted key then fails to load instead of prompting on the terminal
 
 
-def _load_cert_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:
+def _tls_context(server: bool) -> SSL.Context:
+    """TLS >= 1.2, no compression, no renegotiation, no tickets and no session cache (so no resumption:
+    a removed or expired certificate cannot ride a cached session), buffers released when idle."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD if server else SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    ctx.set_cipher_list(_CIPHERS)
+    ctx.set_passwd_cb(_no_password)
+    return ctx
+
+
+def _load_identity(ctx: SSL.Context, cert: str, key: str | None) -> None:
     for option, path in (("--cert", cert), ("--key", key)):
         if path is not None and not os.access(path, os.R_OK):
             raise ConfigError(option, f"cannot read {path!r}")
     try:
-        ctx.load_cert_chain(cert, key, password=_no_password)
-    except ssl.SSLError as e:
-        what = "--key" if key else "--cert"
-        raise ConfigError(
-            what,
-            f"cannot load the certificate {cert!r} with its key{' ' + repr(key) if key else ''} "
-            f"({e.reason or e}); the key must be unencrypted PEM and match the certificate",
-        ) from None
+        ctx.use_certificate_chain_file(cert)
+    except SSL.Error as e:
+        raise ConfigError("--cert", f"cannot load a PEM certificate from {cert!r} ({_tls_reason(e)})") from None
+    try:
+        ctx.use_privatekey_file(key or cert)
+    except SSL.Error as e:
+        if "mismatch" in _tls_reason(e):
+            raise ConfigError("--key", f"the key {key or cert!r} does not belong to the certificate {cert!r}") from None
+        raise ConfigError("--key" if key else "--cert",
+                          f"cannot load the key from {key or cert!r} ({_tls_reason(e)}); it must be an "
+                          "unencrypted PEM key") from None
+    try:
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise ConfigError("--key", f"the key {key or cert!r} does not belong to the certificate {cert!r}") from None
 
 
-def client_context(cfg: ClientConfig) -> ssl.SSLContext:
-    """The context for talking to the upstream: our client certificate; pins and/or a CA for the server."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    _harden(ctx)
+def _load_trust(ctx: SSL.Context, path: str, option: str) -> list[bytes]:
+    """Trust anchors for OpenSSL's chain check; returns their DER. A non-self-signed anchor (an
+    intermediate, or a pinned leaf) is accepted as such (PARTIAL_CHAIN)."""
+    try:
+        ders = _pem_to_der(path)
+        if not ders:
+            raise ValueError("no PEM certificate in it")
+        ctx.load_verify_locations(path)
+    except (OSError, ValueError, SSL.Error) as e:
+        reason = _tls_reason(e) if isinstance(e, SSL.Error) else getattr(e, "strerror", None) or e
+        raise ConfigError(option, f"cannot load {path!r}: {reason}") from None
+    ctx.get_cert_store().set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+    return ders
+
+
+def client_context(cfg: ClientConfig) -> SSL.Context:
+    """The context for talking to the upstream: our client certificate; the server is checked by
+    _server_check inside the handshake (pins and/or the --ca chain and name)."""
+    ctx = _tls_context(server=False)
     if cfg.ca:
-        try:
-            ctx.load_verify_locations(cafile=cfg.ca)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError("--ca", f"cannot load CA bundle {cfg.ca!r}: {e}") from None
-        ctx.check_hostname = True
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    else:
-        # Pins only: the chain is not checked by OpenSSL; the pin is checked right after the handshake,
-        # before a single byte of the session crosses.
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    _load_cert_chain(ctx, cfg.cert, cfg.key)
+        _load_trust(ctx, cfg.ca, "--ca")
+    ctx.set_verify(SSL.VERIFY_PEER, _on_verify)
+    _load_identity(ctx, cfg.cert, cfg.key)
     return ctx
 
 
+def _server_check(cfg: ClientConfig, ep: Endpoint):
+    """The client's verdict on the server's leaf certificate, given inside the handshake: "" to go on,
+    else why not (the handshake then fails before our certificate is sent)."""
+    name = cfg.server_name or ep.host
+
+    def check(der: bytes, chain_error: tuple[int, int] | None) -> str:
+        fp = format_fingerprint(cert_fingerprint(der))
+        if cfg.ca:
+            if chain_error is not None:
+                return (f"server certificate not trusted by --ca: {_verify_error(chain_error[0])} (depth "
+                        f"{chain_error[1]}); it presented sha256 {fp}")
+            if not _name_matches(der, name):
+                return (f"server certificate is not valid for {name!r} (its names: {_names_of(der)}); "
+                        "give --server-name NAME")
+        if cfg.pins.digests and not cfg.pins.match(der):
+            return (f"server certificate does not match any --pin; it presented sha256 {fp} "
+                    f"(spki {format_fingerprint(spki_fingerprint(der))}); if you expected this change, "
+                    f"add --pin {fp}")
+        return ""
+
+    return check
+
+
+def _names_of(der: bytes) -> str:
+    from cryptography import x509
+
+    try:
+        sans = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return "none"
+    return ", ".join(str(n.value) for n in sans.value) or "none"
+
+
+def _name_matches(der: bytes, name: str) -> bool:
+    """RFC 6125 as browsers and Python's ssl do it: subjectAltName only, a wildcard only as the whole
+    left-most label, IP addresses against IP entries."""
+    from cryptography import x509
+
+    try:
+        sans = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    if _is_ip(name):
+        return ipaddress.ip_address(name) in sans.get_values_for_type(x509.IPAddress)
+    want = name.lower().rstrip(".").split(".")
+    for dns in sans.get_values_for_type(x509.DNSName):
+        labels = dns.lower().rstrip(".").split(".")
+        if len(labels) != len(want):
+            continue
+        if labels == want or (labels[0] == "*" and len(labels) > 2 and labels[1:] == want[1:]):
+            return True
+    return False
+
+
 def _pem_to_der(path: str) -> list[bytes]:
+    import base64
+
     with open(path, "rb") as f:
         data = f.read()
-    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.DOTALL)
-    return [ssl.PEM_cert_to_DER_cert(b.decode()) for b in blocks]
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", data, re.DOTALL)
+    try:
+        return [base64.b64decode(b"".join(b.split()), validate=True) for b in blocks]
+    except ValueError:
+        raise ValueError("a certificate block is not valid base64") from None
+
+
+_UTC = datetime.timezone.utc
+
+
+def _validity(cert) -> tuple[datetime.datetime, datetime.datetime]:
+    """(notBefore, notAfter) as aware UTC datetimes, with the cryptography of Debian 12 (38) too."""
+    nb = getattr(cert, "not_valid_before_utc", None) or cert.not_valid_before.replace(tzinfo=_UTC)
+    na = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=_UTC)
+    return nb, na
+
+
+def _signed_by(cert, issuer) -> bool:
+    """``cert`` names ``issuer`` as its issuer and carries a signature its key made: checked in Python,
+    independently of OpenSSL's verdict (a CA look-alike with the same name and another key fails)."""
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        direct = getattr(cert, "verify_directly_issued_by", None)  # cryptography >= 40
+        if direct is not None:
+            direct(issuer)
+            return True
+        from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+        key = issuer.public_key()
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), cert.signature_hash_algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+        else:
+            key.verify(cert.signature, cert.tbs_certificate_bytes)
+        return True
+    except Exception:  # InvalidSignature, ValueError, TypeError (key type), unsupported padding: no
+        return False
 
 
 class Verdict(NamedTuple):
     fingerprint: str
+    spki: str
     subject: str
+    issuer: str
     allowed: bool
-    why: str  # when not allowed
-    name: str  # when allowed
+    why: str  # when not allowed: for the log
+    reply: str  # when not allowed: the SMTP reply
+    name: str  # when allowed: who it is (XCLIENT LOGIN, logs)
+    until: float  # time.time() after which this verdict must be made again (a date is crossed)
 
 
 @dataclass(frozen=True, slots=True)
 class ClientPolicy:
     """Who may reach the backend: exact certificates (--allow), certificates a private CA issued
-    (--client-ca), optionally narrowed to fingerprints (--allow-fingerprint)."""
+    (--client-ca), optionally narrowed to fingerprints (--allow-fingerprint). Everything is decided
+    here, after the handshake: OpenSSL's chain verdict is one input, never the only gate."""
 
     allowed: frozenset[bytes]  # SHA-256 of each --allow certificate
-    ca_certs: tuple  # cryptography x509 certificates from --client-ca
+    ca_fingerprints: frozenset[bytes]  # SHA-256 of each --client-ca certificate
     fingerprints: Pins
     _verdicts: dict = field(default_factory=dict, compare=False, repr=False)  # see judge()
 
-    def judge(self, der: bytes) -> Verdict:
-        """Everything a session needs to know about a client certificate, computed once per
-        certificate and policy (a reload makes a new policy): parsing it with cryptography on every
-        session cost about 5% of the server's CPU. Bounded: the cache is emptied when it is full."""
+    def judge(self, der: bytes, tls: _TLS | None = None) -> Verdict:
+        """The verdict on a client certificate. Made once per certificate, chain and policy (a reload
+        makes a new policy) and remembered until a date in it is crossed: parsing with cryptography on
+        every session cost about 5% of the server's CPU. Bounded: emptied when full."""
+        chain: list[bytes] = []
+        error = None
         key = cert_fingerprint(der)
+        if self.ca_fingerprints and key not in self.allowed and tls is not None:
+            chain, error = tls.verified_chain(), tls.check.error
+            key = hashlib.sha256(b"".join(chain) + repr(error).encode()).digest()
         verdict = self._verdicts.get(key)
-        if verdict is None:
-            ok, why = self.authorise(der)
-            verdict = Verdict(format_fingerprint(key), certificate_subject(der), ok, why,
-                              self.name(der) if ok else "")
+        if verdict is None or time.time() >= verdict.until:
+            verdict = self._judge(der, chain, error)
             if len(self._verdicts) >= MAX_VERDICTS:
                 self._verdicts.clear()
             self._verdicts[key] = verdict
         return verdict
 
-    def authorise(self, der: bytes) -> tuple[bool, str]:
-        """(allowed?, why not). OpenSSL already checked the chain; this decides, on every session,
-        resumed or not, against the current lists."""
-        if cert_fingerprint(der) not in self.allowed and not self._issued_by_ca(der):
-            return False, "certificate is neither an --allow certificate nor issued by --client-ca"
-        if self.fingerprints.digests and not self.fingerprints.match(der):
-            return False, "certificate fingerprint is not in --allow-fingerprint"
-        return True, ""
+    def _judge(self, der: bytes, chain: list[bytes], error: tuple[int, int] | None) -> Verdict:
+        from cryptography import x509
+
+        cert = x509.load_der_x509_certificate(der)
+        fp = cert_fingerprint(der)
+        nb, na = _validity(cert)
+        now = datetime.datetime.now(_UTC)
+        why, reply = "", "554 5.7.1 certificate not authorised"
+        if now >= na:
+            why = f"certificate expired on {na:%Y-%m-%d %H:%M} UTC ({(now - na).days} days ago)"
+            reply = f"554 5.7.1 certificate expired on {na:%Y-%m-%d}"
+        elif now < nb:
+            why, reply = f"certificate is not valid before {nb:%Y-%m-%d %H:%M} UTC", "554 5.7.1 certificate not yet valid"
+        elif fp not in self.allowed:
+            why = self._ca_problem(cert, chain, error) if self.ca_fingerprints else \
+                "certificate is not an --allow certificate"
+        if not why and self.fingerprints.digests and not self.fingerprints.match(der):
+            why = "certificate fingerprint is not in --allow-fingerprint"
+        # Judged again once a date in it is crossed: the leaf's (or a CA's) end, or a future start.
+        dates = [nb] if now < nb else [na] + [_validity(x509.load_der_x509_certificate(d))[1] for d in chain[1:]]
+        until = min((d.timestamp() for d in dates if d > now), default=float("inf"))
+        return Verdict(format_fingerprint(fp), format_fingerprint(spki_fingerprint(der)), cert.subject.rfc4514_string(),
+                       cert.issuer.rfc4514_string(), allowed=not why, why=why, reply=reply if why else "",
+                       name="" if why else self.name(der), until=until)
+
+    def _ca_problem(self, cert, chain: list[bytes], error: tuple[int, int] | None) -> str:
+        """Why ``cert`` is not a certificate a --client-ca issued ("" if it is): OpenSSL's chain ends at
+        one of our CA certificates, OpenSSL found nothing wrong (dates, CA constraints, purpose), and
+        every signature on the way is checked again here."""
+        from cryptography import x509
+
+        if len(chain) < 2 or cert_fingerprint(chain[-1]) not in self.ca_fingerprints:
+            return "certificate is neither an --allow certificate nor issued by --client-ca"
+        if error is not None:
+            return f"--client-ca chain check failed: {_verify_error(error[0])} (depth {error[1]})"
+        certs = [cert] + [x509.load_der_x509_certificate(d) for d in chain[1:]]
+        for child, parent in zip(certs, certs[1:]):
+            if not _signed_by(child, parent):
+                return f"signature by {parent.subject.rfc4514_string()} does not verify (a CA look-alike?)"
+        return ""
 
     def name(self, der: bytes) -> str:
         """Who an allowed certificate is, for the MTA (XCLIENT LOGIN) and the logs: its name in
@@ -486,20 +814,6 @@ class ClientPolicy:
         cns = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         cn = str(cns[0].value) if cns else ""
         return cn if _NAME_RE.fullmatch(cn) else cert_fingerprint(der).hex()
-
-    def _issued_by_ca(self, der: bytes) -> bool:
-        if not self.ca_certs:
-            return False
-        from cryptography import x509
-
-        cert = x509.load_der_x509_certificate(der)
-        for ca in self.ca_certs:
-            try:
-                cert.verify_directly_issued_by(ca)
-                return True
-            except Exception:  # InvalidSignature, ValueError (names differ), TypeError (key type)
-                continue
-        return False
 
 
 def _allow_files(paths: tuple[str, ...]) -> list[str]:
@@ -518,21 +832,12 @@ def _allow_files(paths: tuple[str, ...]) -> list[str]:
     return files
 
 
-def server_context(cfg: ServerConfig) -> tuple[ssl.SSLContext, ClientPolicy]:
-    """The listener's context (asks for a client certificate, trusts only --allow and --client-ca)
-    and the policy applied after every handshake."""
-    from cryptography import x509
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _harden(ctx)
-    # No tickets, no resumption: every session presents and is judged on its certificate (and a
-    # ticket would re-serialise the client certificate for nothing).
-    ctx.options |= ssl.OP_NO_TICKET
-    ctx.num_tickets = 0
-    # OPTIONAL, not REQUIRED: a client without a certificate then completes the handshake and can be
-    # told "530 5.7.0 client certificate required" inside TLS instead of getting a bare alert.
-    ctx.verify_mode = ssl.CERT_NONE if cfg.client_cert == "none" else ssl.CERT_OPTIONAL
-    _load_cert_chain(ctx, cfg.cert, cfg.key)
+def server_context(cfg: ServerConfig) -> tuple[SSL.Context, ClientPolicy]:
+    """The listener's context (asks for a client certificate and accepts any: see ClientPolicy) and the
+    policy applied after every handshake."""
+    ctx = _tls_context(server=True)
+    _load_identity(ctx, cfg.cert, cfg.key)
+    ctx.set_session_id(b"certproxy")
     allowed = set()
     for path in _allow_files(cfg.allow):
         try:
@@ -541,41 +846,29 @@ def server_context(cfg: ServerConfig) -> tuple[ssl.SSLContext, ClientPolicy]:
             raise ConfigError("--allow", f"cannot read certificates from {path!r}: {e}") from None
         if not ders:
             raise ConfigError("--allow", f"{path!r} holds no PEM certificate")
-        for der in ders:
-            allowed.add(cert_fingerprint(der))
-            ctx.load_verify_locations(cadata=der)
-    ca_certs: list = []
+        allowed.update(cert_fingerprint(der) for der in ders)
+    ca_ders: list[bytes] = []
     if cfg.client_ca:
-        try:
-            ca_certs = [x509.load_der_x509_certificate(d) for d in _pem_to_der(cfg.client_ca)]
-            if not ca_certs:
-                raise ValueError("no PEM certificate in it")
-            ctx.load_verify_locations(cafile=cfg.client_ca)
-        except (OSError, ValueError, ssl.SSLError) as e:
-            raise ConfigError("--client-ca", f"cannot load {cfg.client_ca!r}: {e}") from None
-    return ctx, ClientPolicy(frozenset(allowed), tuple(ca_certs), cfg.allow_fingerprints)
+        ca_ders = _load_trust(ctx, cfg.client_ca, "--client-ca")
+        from cryptography import x509
+
+        for der in ca_ders:  # the CA names in the certificate request: clients pick the right certificate
+            ca = x509.load_der_x509_certificate(der)
+            try:
+                ctx.add_client_ca(ca)  # pyOpenSSL >= 24
+            except TypeError:
+                ctx.add_client_ca(crypto.X509.from_cryptography(ca))  # Debian 12's 23.0
+    if cfg.client_cert != "none":
+        # VERIFY_PEER without FAIL_IF_NO_PEER_CERT: ask, accept any answer (even none), judge afterwards.
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _on_verify)
+    return ctx, ClientPolicy(frozenset(allowed), frozenset(cert_fingerprint(d) for d in ca_ders),
+                             cfg.allow_fingerprints)
 
 
 def certificate_subject(der: bytes) -> str:
     from cryptography import x509
 
     return x509.load_der_x509_certificate(der).subject.rfc4514_string()
-
-
-def peer_certificate(transport: asyncio.BaseTransport) -> bytes | None:
-    sslobj = transport.get_extra_info("ssl_object")
-    return sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-
-
-def tls_facts(transport: asyncio.BaseTransport) -> dict[str, str]:
-    sslobj = transport.get_extra_info("ssl_object")
-    if sslobj is None:
-        return {}
-    cipher = sslobj.cipher()
-    facts = {"tls_version": sslobj.version() or "?", "cipher": cipher[0] if cipher else "?"}
-    if sslobj.session_reused:
-        facts["resumed"] = "yes"
-    return facts
 
 
 # endregion
@@ -682,6 +975,15 @@ class StartTLSClient:
     def ready(self) -> bool:
         return self.state is _ClientState.READY
 
+    done = ready
+
+    def start(self) -> bytes:
+        return b""  # the server speaks first
+
+    def eof(self) -> None:
+        raise SessionError("421 4.4.2 upstream closed the connection",
+                           f"upstream closed the connection during the pre-TLS dialogue ({self.state.value})")
+
     def receive_data(self, data: bytes) -> bytes:
         """Bytes from the server in; bytes to send back out. Raises ProtocolError."""
         if self.state is _ClientState.READY and data:
@@ -729,6 +1031,39 @@ class StartTLSClient:
         raise AssertionError(state)
 
 
+class Exchange:
+    """One command (or none, to hear a greeting) and its one reply, sans-IO: for the upstream's
+    greeting or NOOP inside TLS, the backend's greeting, EHLO, XCLIENT and the hand-over replay.
+    With ``keep`` the bytes received are kept in ``raw`` (to be passed on) and may run past the
+    reply; otherwise anything behind the reply was never asked for and raises ProtocolError."""
+
+    __slots__ = ("command", "who", "keep", "raw", "reply", "_parser")
+
+    def __init__(self, command: bytes = b"", *, who: str = "upstream", keep: bool = False) -> None:
+        self.command, self.who, self.keep = command, who, keep
+        self.raw = b""
+        self.reply: Reply | None = None
+        self._parser = ReplyParser()
+
+    def start(self) -> bytes:
+        return self.command
+
+    @property
+    def done(self) -> bool:
+        return self.reply is not None
+
+    def receive_data(self, data: bytes) -> bytes:
+        if self.keep:
+            self.raw += data
+        self.reply = self._parser.next_reply(data)
+        if self.reply is not None and not self.keep and self._parser.trailing_data:
+            raise ProtocolError("421 4.5.0 unexpected replies", f"{self.who} sent more than the one reply expected")
+        return b""
+
+    def eof(self) -> None:
+        raise SessionError("", f"{self.who} closed the connection")
+
+
 # endregion
 # region SMTP dialogue, server side (sans-IO) ------------------------------------------------------
 
@@ -771,7 +1106,22 @@ class SMTPGate:
         self.reason = ""
 
     def greeting(self) -> bytes:
+        """The opening line; a client that may not pass hears its refusal there (RFC 5321 4.3.1: 554)."""
+        if self.refusal is not None:
+            return self.refusal.encode() + b"\r\n"
         return f"220 {self.hostname} ESMTP certproxy\r\n".encode()
+
+    def start(self) -> bytes:
+        return b""  # the greeting, where one is owed, is the session's to send
+
+    @property
+    def done(self) -> bool:
+        return self.state is not _GateState.OPEN
+
+    def eof(self) -> None:
+        self.state = _GateState.CLOSED
+        if not self.reason:
+            self.reason = "client left before STARTTLS" if self.refusal is None else "client left"
 
     def receive_data(self, data: bytes) -> bytes:
         if self.state is not _GateState.OPEN:
@@ -814,37 +1164,36 @@ class SMTPGate:
         verb, _, arg = line.decode("latin-1").strip(" \t").partition(" ")
         verb, arg = verb.upper(), arg.strip()
         host = self.hostname
+        if verb == "QUIT":
+            self.state = _GateState.CLOSED
+            self.reason = f"{self.reason}; the client quit" if self.reason else "client quit"
+            return b"221 2.0.0 Bye\r\n"
+        if self.refusal is not None:  # RFC 3207 4.1: every command but QUIT gets the refusal
+            self.errors += 1
+            return self.refusal.encode() + b"\r\n"
         if verb in ("EHLO", "HELO"):
             if not arg:
                 self.errors += 1
                 return f"501 5.5.4 Syntax: {verb} hostname\r\n".encode()
             self.helo = self._raw
-            if verb == "EHLO" and self.refusal is None:
+            if verb == "EHLO":
                 # Only STARTTLS: nothing that invites pipelining or anything else before TLS.
                 return f"250-{host}\r\n250 STARTTLS\r\n".encode()
             return f"250 {host}\r\n".encode()
         if verb in ("NOOP", "RSET"):
             return b"250 2.0.0 Ok\r\n"
-        if verb == "QUIT":
-            self.state = _GateState.CLOSED
-            self.reason = f"{self.reason}; the client quit" if self.reason else "client quit"
-            return b"221 2.0.0 Bye\r\n"
-        if verb == "STARTTLS" and self.refusal is None:
+        if verb == "STARTTLS":
             if arg:
                 self.errors += 1
                 return b"501 5.5.4 Syntax: STARTTLS takes no arguments\r\n"
             self.state = _GateState.STARTTLS
             return b"220 2.0.0 Ready to start TLS\r\n"
-        if self.optional and self.refusal is None and verb != "STARTTLS":
+        if self.optional:
             self.state = _GateState.HANDOVER
             self.pending = self._raw + bytes(self._buf)
             self._buf.clear()
             return b""
         self.errors += 1
-        if self.refusal is not None:
-            return self.refusal.encode() + b"\r\n"
-        if verb == "STARTTLS":
-            return b"554 5.5.1 TLS already active\r\n"
         self.refused_clear = True
         self.reason = f"{verb or 'empty line'} in clear refused (530 Must issue a STARTTLS command first)"
         return b"530 5.7.0 Must issue a STARTTLS command first\r\n"
@@ -856,7 +1205,7 @@ class HideExtensions:
     with them), not for the client. The MTA-to-client direction carries only replies (mail flows the
     other way), so parsing it costs little; a reply beyond the limits ends the filtering and passes
     through as it is. It also remembers the last complete reply code, so that when the MTA hangs up
-    the splice knows whether the client is owed a 421 (see _Splice.server_gone)."""
+    the splice can ask what the client is owed (``farewell``)."""
 
     __slots__ = ("_buf", "done", "_lines", "hidden", "last_code")
     HIDDEN = frozenset((b"STARTTLS", b"XCLIENT", b"XFORWARD"))
@@ -872,6 +1221,14 @@ class HideExtensions:
     def between_replies(self) -> bool:
         """Nothing of a reply is half passed on: a reply of our own would not be spliced into one."""
         return not self.done and not self._buf and not self._lines
+
+    def farewell(self) -> bytes:
+        """What the client is owed when the server hangs up. Unless the server's last reply was a
+        goodbye (221, 421), the client may be waiting for an answer (say, to the end of DATA) and must
+        learn that nothing after the last reply was accepted: 421, as an MTA would say itself."""
+        if not self.between_replies or self.last_code in (221, 421):
+            return b""
+        return SERVER_GONE_REPLY
 
     def feed(self, data: bytes) -> bytes:
         if self.done:
@@ -1010,27 +1367,198 @@ def xclient_command(offered: set[str], src: Address, login: str | None) -> bytes
 
 
 class _Pump(asyncio.Protocol):
-    """One side of a spliced pair. Knows nothing about SMTP: bytes in here go out of ``peer``.
+    """One side of a spliced pair, on a plain TCP transport, with TLS (a _TLS engine) once
+    ``start_tls`` has run. Knows nothing about SMTP: plaintext in here goes out of ``peer``.
 
     Data arriving before the pair is linked is held (and reading paused) until ``link``.
     Backpressure: when our transport's write buffer is full, the peer stops reading.
     """
 
-    __slots__ = ("transport", "peer", "held", "nbytes", "lost", "eof", "plain", "waiter", "filter", "_splice",
-                 "_released")
+    __slots__ = ("transport", "tls", "peer", "held", "nbytes", "lost", "eof", "waiter", "filter", "handshake",
+                 "tls_error", "_splice", "_released")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.tls: _TLS | None = None
         self.peer: _Pump | None = None
         self.held: list[bytes] = []
-        self.nbytes = 0
+        self.nbytes = 0  # plaintext received
         self.lost = False
         self.eof = False
-        self.plain = True  # a TCP transport that can half-close, as opposed to TLS
         self.waiter: asyncio.Future[None] | None = None  # woken by held data or loss, before linking
-        self.filter: HideExtensions | None = None  # rewrites what we receive until it says done
+        self.filter = None  # an observer that may rewrite what we receive (feed(bytes) -> bytes), see HideExtensions
+        self.handshake: asyncio.Future[None] | None = None  # the TLS handshake, once started
+        self.tls_error = ""  # why TLS failed, in OpenSSL's words
         self._splice: _Splice | None = None
         self._released = False
+
+    # -- the transport's side -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.tls is not None:  # TLS from the first byte (implicit TLS): a client's ClientHello
+            hello = self.tls.start()
+            if hello:
+                transport.write(hello)
+
+    def data_received(self, data: bytes) -> None:
+        tls = self.tls
+        if tls is not None:
+            was_up = tls.up
+            try:
+                data = tls.receive(data)
+            except SSL.Error as e:
+                self._tls_failed(_tls_reason(e))
+                return
+            out = tls.outgoing()
+            if out:
+                self.transport.write(out)
+            if not was_up and tls.up:
+                self._handshake_over(None)
+            if tls.closed:  # close_notify: the peer has said all it will
+                if data:
+                    self._deliver(data)
+                self._end_of_input()
+                return
+            if not data:
+                return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        if self.filter is not None:
+            data = self.filter.feed(data)
+            if self.filter.done:
+                self.filter = None
+            if not data:
+                return
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            self.held.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self._wake()
+            return
+        self._splice.touch()
+        peer.write(data)
+
+    def eof_received(self) -> bool:
+        self._end_of_input()
+        return True  # keep our sending half open: the other direction may still have bytes for us
+
+    def _end_of_input(self) -> None:
+        if self.eof:
+            return
+        self.eof = True
+        self._handshake_over(SessionError("", "connection closed during the TLS handshake"))
+        self._wake()
+        peer, splice = self.peer, self._splice
+        if splice is not None and self is splice.b:
+            splice.far_gone()
+        if peer is not None and splice is not None and not peer.lost:
+            if peer.eof:
+                splice.close()  # both have said all they will: done
+            elif peer.can_write_eof():
+                peer.write_eof()
+            elif self is splice.b or self.nbytes == 0:
+                # The server side is done talking, or a client that never said anything left: TLS
+                # cannot pass on a half-close, and nobody is owed an answer.
+                splice.close()
+            else:
+                splice.linger()  # the client is done talking; the server may still answer
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.lost:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.lost:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._handshake_over(SessionError("", "connection closed during the TLS handshake"))
+        self._wake()
+        peer = self.peer
+        if self._splice is not None and self is self._splice.b:
+            self._splice.far_gone()
+        if peer is not None and not peer.lost and peer.transport is not None:
+            peer.close()  # flushes what is buffered for it first
+        if self._splice is not None:
+            self._splice.side_lost()
+        if self._released:
+            self.transport = None
+
+    # -- TLS --------------------------------------------------------------------------------------
+
+    def start_tls(self, tls: _TLS) -> asyncio.Future[None]:
+        """Switch to TLS; the future completes when the handshake has. Called before the transport
+        exists, TLS starts with the first byte (implicit TLS). Called on a connection that spoke in
+        clear (STARTTLS), whatever arrived in clear and is still held would be read as if it came
+        inside TLS (CVE-2011-0411, CVE-2014-3556): refused, whichever side we are."""
+        if self.held:
+            raise ProtocolError("421 4.7.0 data pipelined before the TLS handshake; closing",
+                                f"{sum(map(len, self.held))} bytes arrived in clear behind the switch to TLS "
+                                "(command or response injection, CVE-2011-0411); refused")
+        self.tls = tls
+        self.handshake = asyncio.get_running_loop().create_future()
+        if self.transport is not None:
+            hello = tls.start()
+            if hello:
+                self.transport.write(hello)
+            self.transport.resume_reading()
+        return self.handshake
+
+    def _handshake_over(self, error: SessionError | None) -> None:
+        waiter = self.handshake
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    def _tls_failed(self, reason: str) -> None:
+        """A TLS error: send the alert OpenSSL wrote, close, and let whoever waits know why."""
+        self.tls_error = reason
+        out = self.tls.outgoing()
+        self.tls = None  # nothing more goes through it
+        if out:
+            self.transport.write(out)
+        self._handshake_over(SessionError("", reason))
+        self.transport.close()
+
+    # -- our side ---------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.tls is not None:
+            data = self.tls.send(data)
+        elif self.tls_error:
+            return  # TLS broke: nothing may go out in clear now
+        self.transport.write(data)
+
+    def can_write_eof(self) -> bool:
+        """A half-close we can pass on as it is: plain TCP (TLS has no half-close of its own here)."""
+        return self.tls is None and self.transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        """No more from us: close_notify first under TLS, then the TCP half-close."""
+        if self.tls is not None:
+            self.transport.write(self.tls.shutdown())
+        if self.transport.can_write_eof():
+            try:
+                self.transport.write_eof()
+            except OSError:  # the peer is gone already
+                pass
+
+    def close(self) -> None:
+        t = self.transport
+        if t is None or self.lost or t.is_closing():
+            return
+        if self.tls is not None:
+            out = self.tls.shutdown()
+            if out:
+                t.write(out)
+        t.close()
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -1047,72 +1575,6 @@ class _Pump(asyncio.Protocol):
         finally:
             self.waiter = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.plain = transport.get_extra_info("sslcontext") is None
-        if self.held:  # start_tls() delivered data before it returned the transport
-            transport.pause_reading()
-
-    def data_received(self, data: bytes) -> None:
-        self.nbytes += len(data)
-        if self.filter is not None:
-            data = self.filter.feed(data)
-            if self.filter.done:
-                self.filter = None
-            if not data:
-                return
-        peer = self.peer
-        if peer is None or peer.transport is None:
-            self.held.append(data)
-            if self.transport is not None:
-                self.transport.pause_reading()
-            self._wake()
-            return
-        self._splice.touch()
-        peer.transport.write(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
-        peer, splice = self.peer, self._splice
-        if splice is not None and self is splice.b:
-            splice.server_gone()
-        if peer is not None and splice is not None and not peer.lost:
-            if peer.eof:
-                splice.close()  # both have said all they will: done
-            elif peer.transport.can_write_eof():
-                peer.transport.write_eof()
-            elif self is splice.b or self.nbytes == 0:
-                # The server side is done talking, or a client that never said anything left: TLS
-                # cannot pass on a half-close, and nobody is owed an answer.
-                splice.close()
-            else:
-                splice.linger()  # the client is done talking; the server may still answer
-        # Keep a plain side open: the other direction may still have bytes for it. (asyncio's TLS
-        # transports close on EOF whatever we answer, and warn if we answer True.)
-        return self.plain
-
-    def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None and not self.peer.lost:
-            self.peer.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None and not self.peer.lost:
-            self.peer.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self._wake()
-        peer = self.peer
-        if self._splice is not None and self is self._splice.b:
-            self._splice.server_gone()
-        if peer is not None and not peer.lost and peer.transport is not None:
-            peer.transport.close()  # flushes what is buffered for it first
-        if self._splice is not None:
-            self._splice.side_lost()
-        if self._released:
-            self.transport = None
-
 
 async def _pull(pump: _Pump) -> bytes:
     """The next bytes a not-yet-linked pump received; b"" when the peer has closed."""
@@ -1122,11 +1584,36 @@ async def _pull(pump: _Pump) -> bytes:
     return data
 
 
+async def _drive(pump: _Pump, dialogue) -> None:
+    """Run one sans-IO SMTP dialogue over a not-yet-spliced pump until it is done: what it says to
+    ``start`` is sent, every byte received is fed to it and its answer sent back. At the end of the
+    input it is told (``eof``: it raises SessionError, or ends itself); a TLS failure raises."""
+    out = dialogue.start()
+    if out:
+        pump.write(out)
+    while not dialogue.done:
+        data = await _pull(pump)
+        if not data:
+            if pump.tls_error:
+                raise SessionError("", f"TLS failed: {pump.tls_error}")
+            dialogue.eof()
+            return
+        out = dialogue.receive_data(data)
+        if out and not pump.lost:
+            pump.write(out)
+
+
 def _close_all(*pumps: _Pump | None) -> None:
     """Whatever a session ends with, none of its transports outlives it."""
     for p in pumps:
-        if p is not None and p.transport is not None and not p.lost and not p.transport.is_closing():
-            p.transport.close()
+        if p is not None:
+            p.close()
+
+
+def _abort_all(*pumps: _Pump | None) -> None:
+    for p in pumps:
+        if p is not None and p.transport is not None and not p.lost:
+            p.transport.abort()
 
 
 def _release(*pumps: _Pump | None) -> None:
@@ -1140,38 +1627,40 @@ def _release(*pumps: _Pump | None) -> None:
         splice = p._splice
         if splice is not None:
             splice.release()
-        p.peer = p._splice = p.filter = p.waiter = None
+        p.peer = p._splice = p.filter = p.waiter = p.handshake = None
         p.held = []
         p._released = True
         if p.lost:
             p.transport = None
+            p.tls = None
 
 
 async def _goodbye(pump: _Pump, reply: str | bytes) -> None:
-    """Send a last reply and close without losing it: half-close, then discard what the peer still
-    sends for a moment (closing with unread input makes the kernel send a reset, which can destroy
-    the reply in flight)."""
+    """Send a last reply and close without losing it: half-close (after close_notify under TLS), then
+    discard what the peer still sends for a moment (closing with unread input makes the kernel send a
+    reset, which can destroy the reply in flight)."""
     t = pump.transport
     if t is None or pump.lost or t.is_closing():
         return
     if reply:
-        t.write(reply if isinstance(reply, bytes) else reply.encode() + b"\r\n")
+        pump.write(reply if isinstance(reply, bytes) else reply.encode() + b"\r\n")
     if t.can_write_eof():
-        t.write_eof()
+        pump.write_eof()
         try:
             async with asyncio.timeout(GOODBYE_LINGER_S):
                 while await _pull(pump):
                     pass
         except (TimeoutError, asyncio.TimeoutError):
             pass
-    t.close()
+    pump.close()
 
 
 class _Splice:
     """Two linked pumps, an idle timer, and a future that completes when both sides are closed.
-    ``a`` is the side that connected to us, ``b`` the side we dialed (the SMTP server)."""
+    ``a`` is the side that connected to us, ``b`` the side we dialed. ``watch``, if given, is asked
+    (``farewell()``) what ``a`` is owed when ``b`` hangs up: the splice itself knows no protocol."""
 
-    def __init__(self, a: _Pump, b: _Pump, idle: float) -> None:
+    def __init__(self, a: _Pump, b: _Pump, idle: float, watch=None) -> None:
         self.a, self.b = a, b
         self.idle = idle
         self.loop = asyncio.get_running_loop()
@@ -1180,36 +1669,37 @@ class _Splice:
         self.outcome = "ok"
         self._timer = self.loop.call_later(idle, self._check_idle)
         self._linger: asyncio.TimerHandle | None = None
-        self.watch = b.filter  # the server's replies, as far as they were followed
-        self._server_gone = False
+        self.watch = watch
+        self._far_gone = False
         a.peer, b.peer = b, a
         a._splice = b._splice = self
         for side in (a, b):
             held, side.held = side.held, []
-            if held:
-                side.peer.transport.writelines(held)
+            if held and not side.peer.lost:
+                side.peer.write(b"".join(held))
             if not side.lost:
                 side.transport.resume_reading()
         for side in (a, b):
             if side.lost:
                 side.connection_lost(None)
+            elif side.eof:
+                side.eof = False
+                side._end_of_input()
 
     def touch(self) -> None:
         self.last = self.loop.time()
 
-    def server_gone(self) -> None:
-        """The SMTP server hung up (closed, or the connection broke). Unless its last reply was a
-        goodbye (221, 421), the client may be waiting for an answer — say, to the end of DATA — and
-        must learn that nothing after the last reply was accepted: 421, as an MTA would say itself."""
-        if self._server_gone:
+    def far_gone(self) -> None:
+        """``b`` hung up (closed, or the connection broke): say to ``a`` what the watch says it is owed."""
+        if self._far_gone:
             return
-        self._server_gone = True
-        a, w = self.a, self.watch
-        if w is None or not w.between_replies or w.last_code in (221, 421):
+        self._far_gone = True
+        a = self.a
+        if self.watch is None or a.lost or a.transport is None or a.transport.is_closing():
             return
-        if a.lost or a.transport is None or a.transport.is_closing():
-            return
-        a.transport.write(SERVER_GONE_REPLY)
+        owed = self.watch.farewell()
+        if owed:
+            a.write(owed)
 
     def _check_idle(self) -> None:
         due = self.last + self.idle - self.loop.time()
@@ -1225,13 +1715,10 @@ class _Splice:
 
     def close(self) -> None:
         for side in (self.a, self.b):
-            if not side.lost and side.transport is not None:
-                side.transport.close()
+            side.close()
 
     def abort(self) -> None:
-        for side in (self.a, self.b):
-            if not side.lost and side.transport is not None:
-                side.transport.abort()
+        _abort_all(self.a, self.b)
 
     def release(self) -> None:
         self._timer.cancel()
@@ -1252,183 +1739,7 @@ class _Splice:
 
 
 # endregion
-# region Client mode: dialing the upstream ---------------------------------------------------------
-
-
-class _DialogueProtocol(asyncio.Protocol):
-    """Drives a StartTLSClient over a plain transport until it is ready for TLS or fails."""
-
-    def __init__(self, dialogue: StartTLSClient) -> None:
-        self.dialogue = dialogue
-        self.transport: asyncio.Transport | None = None
-        self.result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        if self.result.done():
-            return
-        try:
-            out = self.dialogue.receive_data(data)
-        except SessionError as e:
-            self.transport.pause_reading()
-            self.result.set_exception(e)
-            return
-        if out:
-            self.transport.write(out)
-        if self.dialogue.ready:
-            self.transport.pause_reading()  # nothing more may be read in clear
-            self.result.set_result(None)
-
-    def eof_received(self) -> bool:
-        self._fail("upstream closed the connection during the pre-TLS dialogue")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail("upstream closed the connection during the pre-TLS dialogue")
-
-    def _fail(self, reason: str) -> None:
-        if not self.result.done():
-            self.result.set_exception(SessionError("421 4.4.2 upstream closed the connection", reason))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verification failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS error: {exc.reason or exc}"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return "timed out"
-    if isinstance(exc, OSError):
-        return exc.strerror or type(exc).__name__
-    return f"{type(exc).__name__}: {exc}"
-
-
-async def _read_reply(pump: _Pump, *, keep: bool, who: str) -> Reply | None:
-    """One complete reply from a not-yet-linked pump; None if the peer closed first.
-
-    With ``keep`` the bytes stay held, to be passed on at the splice; otherwise the reply is
-    consumed, and anything behind it (a reply nobody asked for) raises ProtocolError.
-    """
-    parser = ReplyParser()
-    seen = bytearray()
-    reply = None
-    while reply is None:
-        data = await _pull(pump)
-        if not data:
-            return None
-        seen += data
-        reply = parser.next_reply(data)
-    if keep:
-        pump.held.append(bytes(seen))
-    elif parser.trailing_data:
-        raise ProtocolError("421 4.5.0 unexpected replies", f"{who} sent more than the one reply expected")
-    return reply
-
-
-class _Upstream:
-    """A verified TLS connection to one upstream, ready to splice."""
-
-    def __init__(self, transport: asyncio.Transport, pump: _Pump, facts: dict[str, str]) -> None:
-        self.transport, self.pump, self.facts = transport, pump, facts
-
-
-async def _open_upstream(cfg: ClientConfig, ctx: ssl.SSLContext, up: Upstream) -> _Upstream:
-    """Connect, negotiate STARTTLS if needed, handshake, verify the pin, and hear the server speak
-    inside TLS. Raises SessionError (with the 421 owed to the local client)."""
-    ep = up.endpoint
-    pump = _Pump()
-    try:
-        transport = await _tls_connect(ctx, up, pump, sni=cfg.server_name or ep.host, ehlo=cfg.ehlo,
-                                       to=cfg.timeouts)
-        facts = _verify_server(cfg, ep, transport)
-        # TLS 1.3 finishes the client's handshake before the server has judged our certificate; a
-        # refusal arrives as an alert afterwards. So wait for the server's first words inside TLS:
-        # the greeting (implicit TLS, passed on to the client) or the reply to a NOOP (STARTTLS).
-        async with asyncio.timeout(cfg.timeouts.dialogue):
-            if up.mode is TLSMode.STARTTLS:
-                transport.write(b"NOOP\r\n")
-            reply = await _read_reply(pump, keep=up.mode is TLSMode.IMPLICIT, who=f"upstream {ep}")
-        if reply is None:
-            raise SessionError("421 4.7.0 upstream closed the TLS session",
-                               f"{ep}: upstream closed the connection right after the TLS handshake; "
-                               "it probably does not accept our client certificate")
-        if up.mode is TLSMode.STARTTLS and reply.code // 100 != 2:
-            raise SessionError("421 4.3.0 upstream is not accepting mail",
-                               f"{ep}: upstream answered NOOP inside TLS with {reply.code}")
-        return _Upstream(transport, pump, facts)
-    except BaseException as e:
-        if pump.transport is not None:
-            pump.transport.abort()
-        if isinstance(e, SessionError):
-            raise
-        if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
-            raise SessionError("421 4.4.2 upstream timed out", f"{ep}: timed out") from None
-        if isinstance(e, ssl.SSLError):
-            raise SessionError("421 4.7.0 TLS with upstream failed", f"{ep}: {_describe(e)}") from None
-        if isinstance(e, OSError):
-            raise SessionError("421 4.4.1 upstream unreachable", f"{ep}: {_describe(e)}") from None
-        raise
-
-
-async def _tls_connect(ctx: ssl.SSLContext, up: Upstream, pump: _Pump, *, sni: str, ehlo: str,
-                       to: Timeouts) -> asyncio.Transport:
-    """TCP connect; for STARTTLS the pre-TLS dialogue; the TLS handshake. ``pump`` gets the TLS transport."""
-    loop = asyncio.get_running_loop()
-    ep = up.endpoint
-    if up.mode is TLSMode.IMPLICIT:
-        async with asyncio.timeout(to.connect + to.handshake):
-            transport, _ = await loop.create_connection(lambda: pump, ep.host, ep.port, ssl=ctx, server_hostname=sni,
-                                                        ssl_handshake_timeout=to.handshake,
-                                                        ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
-        return transport
-    dialogue = StartTLSClient(ehlo)
-    async with asyncio.timeout(to.connect):
-        plain, proto = await loop.create_connection(lambda: _DialogueProtocol(dialogue), ep.host, ep.port)
-    try:
-        async with asyncio.timeout(to.dialogue):
-            await proto.result
-    except SessionError:
-        if not plain.is_closing():
-            plain.write(b"QUIT\r\n")  # the only thing we ever send after a failed dialogue
-        plain.close()
-        raise
-    except BaseException:
-        plain.abort()
-        raise
-    try:
-        async with asyncio.timeout(to.handshake):
-            transport = await loop.start_tls(plain, pump, ctx, server_hostname=sni,
-                                             ssl_handshake_timeout=to.handshake,
-                                             ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
-    except BaseException:
-        plain.abort()
-        raise
-    pump.connection_made(transport)
-    return transport
-
-
-def _verify_server(cfg: ClientConfig, ep: Endpoint, transport: asyncio.Transport) -> dict[str, str]:
-    """Check the pin (the CA, if any, was checked by OpenSSL). Returns the TLS facts for the log line."""
-    der = peer_certificate(transport)
-    if der is None:
-        raise PeerRejected("421 4.7.0 upstream certificate not trusted", f"{ep}: no server certificate")
-    fp = format_fingerprint(cert_fingerprint(der))
-    if cfg.pins.digests and not cfg.pins.match(der):
-        raise PeerRejected(
-            "421 4.7.0 upstream certificate not trusted",
-            f"{ep}: server certificate does not match any --pin; it presented sha256 {fp} "
-            f"(spki {format_fingerprint(spki_fingerprint(der))}); if you expected this change, "
-            f"add --pin {fp}",
-        )
-    return {**tls_facts(transport), "server_fp": fp}
-
-
-# endregion
-# region Client mode: the service -----------------------------------------------------------------
+# region One connection: phases, and the listeners ------------------------------------------------
 
 _session_ids = itertools.count(1)
 _WORKER: int | None = None  # with --workers N: this process's number, in every session line
@@ -1472,6 +1783,78 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SSL.Error):
+        return f"TLS error: {_tls_reason(exc)}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
+Phase = tuple  # (name, deadline in seconds or None, step: async () -> None, SMTP reply owed on timeout)
+
+
+class _Session:
+    """One connection: what it has learned (``facts``), its two pumps (``client``, the side that
+    connected to us; ``far``, the side we dialled), and how it ended. A session is a list of named
+    phases, each under its own deadline (``phases``), that _Listener._run drives; a step ends the
+    session early with ``finish`` or by raising SessionError, whose reply goes to the client."""
+
+    __slots__ = ("sid", "t0", "settings", "facts", "outcome", "reason", "client", "far", "finished")
+
+    def __init__(self, settings) -> None:
+        self.sid = next(_session_ids)
+        self.t0 = time.monotonic()
+        self.settings = settings  # frozen for the whole session: a reload swaps the listener's, not ours
+        self.facts: dict[str, object] = {}
+        self.outcome, self.reason = "ok", ""
+        self.client: _Pump | None = None
+        self.far: _Pump | None = None
+        self.finished = False
+
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def finish(self, outcome: str, reason: str) -> None:
+        self.outcome, self.reason, self.finished = outcome, reason, True
+
+    async def splice(self, watch) -> None:
+        splice = _Splice(self.client, self.far, self.settings.cfg.timeouts.idle, watch)
+        await splice.done
+        self.outcome = splice.outcome
+
+
+async def _adopt(sock: socket.socket, tls: _TLS | None = None) -> _Pump:
+    """A transport for an accepted socket: plain (what the peer sends is held until asked for), or
+    TLS from the first byte, whose handshake then runs (await ``pump.handshake``)."""
+    pump = _Pump()
+    if tls is not None:
+        pump.start_tls(tls)
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: pump, sock)
+    if tls is None:
+        pump.transport.pause_reading()
+    return pump
+
+
+async def _dial(ep: Endpoint, tls: _TLS | None = None) -> _Pump:
+    """A connection to ``ep``: plain (what the server sends is held until asked for), or TLS from the
+    first byte (the ClientHello is sent at once; await ``pump.handshake``)."""
+    pump = _Pump()
+    if tls is not None:
+        pump.start_tls(tls)
+    try:
+        await asyncio.get_running_loop().create_connection(lambda: pump, ep.host, ep.port)
+    except BaseException:
+        _abort_all(pump)
+        _release(pump)
+        raise
+    return pump
+
+
 def _listening_socket(ep: Endpoint, *, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
     return socket.create_server((ep.host, ep.port), family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
@@ -1491,24 +1874,51 @@ def _port_problem(ep: Endpoint) -> str:
 
 
 class _Listener:
-    """What both services share: a listening socket, an accept loop with a connection limit, and
-    the live session tasks. Sockets are accepted raw, so each session decides how its transport
-    starts (plain, or implicit TLS whose handshake errors it catches and logs itself)."""
+    """What both services share: a listening socket, an accept loop with a connection limit, the live
+    sessions, and the one driver that runs a session's phases and writes its line. The settings (a
+    frozen object: configuration, TLS context, policy) are swapped whole on reload; a session keeps
+    the ones it started with. Sockets are accepted raw, so each session decides how its transport
+    starts."""
 
-    def __init__(self, listen: Endpoint, max_connections: int, busy_reply: bytes | None) -> None:
-        self.listen = listen
-        self.max_connections = max_connections
-        self.max_per_ip = 0
+    role = ""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.listen = settings.cfg.listen
         self.per_ip: dict[str, int] = {}
-        self.busy_reply = busy_reply
         self.sock: socket.socket | None = None
         self.active: set[asyncio.Task] = set()
         self._accepting: asyncio.Task | None = None
         self._watching: asyncio.Task | None = None
 
+    @property
+    def cfg(self):
+        return self.settings.cfg
+
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    @property
+    def service_name(self) -> str:
+        return self.cfg.name
+
     def _certificate_files(self) -> list[tuple[str, str]]:
         """(option, path) of every certificate file this service relies on, for the expiry watch."""
         return []
+
+    def _busy_reply(self) -> bytes | None:
+        return None
+
+    def _max_per_ip(self) -> int:
+        return 0
+
+    def _new_session(self, sock: socket.socket, peer: str) -> _Session:
+        raise NotImplementedError
+
+    def replace(self, new: _Listener) -> None:
+        """Take over ``new``'s settings (a reload): later connections use them; live ones keep theirs."""
+        self.settings = new.settings
 
     async def _watch_expiry(self) -> None:
         """At start-up and daily: a warning when a configured certificate expires within 30 days,
@@ -1527,19 +1937,6 @@ class _Listener:
                                    subject=certificate_subject(der), problem=problem,
                                    action="renew it (certproxy gencert ... --force)")
             await asyncio.sleep(86400)
-
-    @property
-    def port(self) -> int:
-        return self.sock.getsockname()[1]
-
-    @property
-    def service_name(self) -> str:
-        return self.cfg.name
-
-    def replace(self, new: _Listener) -> None:
-        """Take over ``new``'s settings (a reload): later connections use them; live ones keep theirs."""
-        self.__dict__.update({k: v for k, v in new.__dict__.items()
-                              if k not in ("sock", "active", "per_ip", "_accepting", "_watching")})
 
     async def _listen(self) -> None:
         try:
@@ -1563,16 +1960,18 @@ class _Listener:
             sock.setblocking(False)
             ip = addr[0]
             peer = f"[{ip}]:{addr[1]}" if ":" in ip else f"{ip}:{addr[1]}"
-            if len(self.active) >= self.max_connections:
-                why = f"connection limit ({self.max_connections}) reached; raise --max-connections if this is normal load"
-            elif self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
-                why = f"per-address limit ({self.max_per_ip}) reached for {ip}; raise --max-per-ip if this is normal"
+            max_connections, max_per_ip = self.cfg.max_connections, self._max_per_ip()
+            if len(self.active) >= max_connections:
+                why = f"connection limit ({max_connections}) reached; raise --max-connections if this is normal load"
+            elif max_per_ip and self.per_ip.get(ip, 0) >= max_per_ip:
+                why = f"per-address limit ({max_per_ip}) reached for {ip}; raise --max-per-ip if this is normal"
             else:
                 why = ""
             if why:
+                busy = self._busy_reply()
                 try:
-                    if self.busy_reply:
-                        sock.send(self.busy_reply)
+                    if busy:
+                        sock.send(busy)
                 except OSError:
                     pass
                 sock.close()
@@ -1580,7 +1979,7 @@ class _Listener:
                            reason=why)
                 continue
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-            task = loop.create_task(self._session(sock, peer))
+            task = loop.create_task(self._run(self._new_session(sock, peer), sock, peer))
             self.active.add(task)
             task.add_done_callback(lambda t, ip=ip: self._done(t, ip))
 
@@ -1590,8 +1989,56 @@ class _Listener:
         if left > 0:
             self.per_ip[ip] = left
 
-    async def _session(self, sock: socket.socket, peer: str) -> None:
-        raise NotImplementedError
+    async def _run(self, s: _Session, sock: socket.socket, peer: str) -> None:
+        """The driver: run the session's phases in order, each under its deadline; a SessionError (a
+        timeout becomes one, with the phase's reply) says its reply to the client and ends the
+        session; then close everything and write the one session line."""
+        name = "accept"
+        try:
+            try:
+                for name, deadline, step, timeout_reply in s.phases():
+                    if s.finished:
+                        break
+                    if deadline is None:
+                        await step()
+                        continue
+                    try:
+                        async with asyncio.timeout(deadline):
+                            await step()
+                    except (TimeoutError, asyncio.TimeoutError):
+                        raise SessionError(timeout_reply, f"{name}: timed out after {deadline:g} s",
+                                           outcome="timeout") from None
+            except SessionError as e:
+                if not s.finished:  # a verdict made already (a refusal being told) stands
+                    s.outcome, s.reason = e.outcome, e.reason
+                if s.client is not None:
+                    if e.reply:
+                        await _goodbye(s.client, e.reply)
+                    else:
+                        _abort_all(s.client)
+            except OSError as e:  # a reset before anything was said: a port probe, a client giving up
+                if not s.finished:
+                    s.outcome, s.reason = "closed", f"{name}: the peer went away ({_describe(e)})"
+        except asyncio.CancelledError:
+            s.outcome, s.reason = "cancelled", "service stopping"
+            _abort_all(s.client, s.far)
+            raise
+        except Exception as e:  # a bug: say so, and lose the session rather than the process
+            s.outcome, s.reason = "error", f"internal error in {name}: {type(e).__name__}: {e}"
+            log.exception("session id=%d internal error", s.sid)
+            if s.client is not None and not s.client.lost and s.client.transport is not None:
+                s.client.write(b"421 4.3.0 certproxy internal error\r\n")
+            _abort_all(s.far)
+        finally:
+            if s.client is None:
+                sock.close()
+            _close_all(s.client, s.far)
+            client, far = s.client, s.far
+            _log_event(logging.INFO if s.outcome == "ok" else logging.WARNING, "session", id=s.sid,
+                       service=self.service_name, worker=_WORKER, **{"peer": peer, **s.facts},
+                       bytes_in=client.nbytes if client else 0, bytes_out=far.nbytes if far else 0,
+                       duration=round(time.monotonic() - s.t0, 3), outcome=s.outcome, reason=s.reason)
+            _release(client, far)
 
     async def stop(self, grace: float = 0) -> None:
         """Stop accepting; give live sessions ``grace`` seconds to finish; then cut the rest."""
@@ -1609,25 +2056,159 @@ class _Listener:
             await asyncio.gather(*self.active, return_exceptions=True)
 
 
-async def _adopt(sock: socket.socket) -> _Pump:
-    """A plain transport for an accepted socket; what the peer sends is held until asked for."""
-    pump = _Pump()
-    await asyncio.get_running_loop().connect_accepted_socket(lambda: pump, sock)
-    pump.transport.pause_reading()
-    return pump
+# endregion
+# region Client mode ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _ClientSettings:
+    cfg: ClientConfig
+    ctx: SSL.Context
+    own_fp: str  # our client certificate's fingerprint: what the server admin must allow
+
+
+def _own_fingerprint(cert: str) -> str:
+    try:
+        ders = _pem_to_der(cert)
+    except (OSError, ValueError):
+        return ""
+    return format_fingerprint(cert_fingerprint(ders[0])) if ders else ""
+
+
+class _ClientSession(_Session):
+    """Laptop side: a local mail program in plain SMTP → the first upstream that passes (connect,
+    STARTTLS dialogue, handshake with the pin checked inside it, the server's first words in TLS)
+    → the splice."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, settings: _ClientSettings, sock: socket.socket) -> None:
+        super().__init__(settings)
+        self.sock = sock
+
+    def phases(self) -> list[Phase]:
+        return [("accept", None, self.accept, ""),
+                ("upstream", None, self.upstream, ""),
+                ("splice", None, self.run_splice, "")]
+
+    async def accept(self) -> None:
+        self.client = await _adopt(self.sock)
+
+    async def upstream(self) -> None:
+        """Try each upstream in order; the first that passes every sub-phase is ours."""
+        failures: list[SessionError] = []
+        for up in self.settings.cfg.upstreams:
+            try:
+                self.far = await self._open(up)
+            except SessionError as e:
+                failures.append(e)
+                continue
+            if failures:
+                self.facts["failover"] = "; ".join(e.reason for e in failures)
+            return
+        raise SessionError(failures[-1].reply, "; ".join(e.reason for e in failures), outcome="refused")
+
+    async def _open(self, up: Upstream) -> _Pump:
+        """connect → [STARTTLS dialogue] → handshake (pin inside) → the server's first words inside TLS.
+        Raises SessionError with the 421 owed to the local client."""
+        cfg, ep = self.settings.cfg, up.endpoint
+        to = cfg.timeouts
+        self.facts["upstream"] = str(ep)
+        self.facts["tls"] = "implicit" if up.mode is TLSMode.IMPLICIT else "starttls"
+        pump = None
+        implicit = up.mode is TLSMode.IMPLICIT
+        tls = _TLS(self.settings.ctx, server=False, sni=cfg.server_name or ep.host, leaf=_server_check(cfg, ep))
+        phase, reply = "connect", "421 4.4.1 upstream unreachable"
+        try:
+            async with asyncio.timeout(to.connect):
+                pump = await _dial(ep, tls if implicit else None)
+            if not implicit:
+                phase, reply = "starttls", "421 4.4.2 upstream timed out"
+                async with asyncio.timeout(to.dialogue):
+                    await _drive(pump, StartTLSClient(cfg.ehlo))
+                pump.start_tls(tls)
+            phase, reply = "handshake", "421 4.7.0 TLS with upstream failed"
+            try:
+                async with asyncio.timeout(to.handshake):
+                    await pump.handshake
+            except SessionError as e:
+                if tls.check.refusal:
+                    raise PeerRejected("421 4.7.0 upstream certificate not trusted", tls.check.refusal) from None
+                raise SessionError(reply, f"TLS handshake failed: {e.reason}") from None
+            self.facts.update(tls.facts())
+            self.facts["server_fp"] = format_fingerprint(cert_fingerprint(tls.peer_der()))
+            # TLS 1.3 finishes the client's handshake before the server has judged our certificate; a
+            # refusal arrives as an alert (or a 554) afterwards. So hear the server speak inside TLS:
+            # the greeting (implicit TLS, passed on to the local client) or the reply to a NOOP.
+            phase, reply = "confirm", "421 4.7.0 upstream refused our client certificate"
+            exchange = Exchange(b"" if implicit else b"NOOP\r\n", keep=implicit)
+            try:
+                async with asyncio.timeout(to.dialogue):
+                    await _drive(pump, exchange)
+            except SessionError as e:
+                if not (pump.lost or pump.eof):
+                    raise
+                raise PeerRejected(reply, f"the server ended the TLS session at once ({e.reason}): it does not "
+                                          f"accept our client certificate; {self._ask_admin()}") from None
+            answer = exchange.reply
+            said = f"{answer.code} {answer.lines[0]}"
+            if answer.code in (530, 554):  # what certproxy server, and RFC 3207 4.1 servers, say
+                raise PeerRejected(reply, f"the server refused our client certificate ({said}); {self._ask_admin()}")
+            if answer.code != (220 if implicit else 250):
+                raise SessionError("421 4.3.0 upstream is not accepting mail",
+                                   f"upstream answered {'with its greeting' if implicit else 'NOOP'} inside TLS: {said}")
+            if implicit:
+                pump.held.insert(0, exchange.raw)
+            return pump
+        except BaseException as e:
+            if pump is not None:
+                if isinstance(e, ProtocolError) and pump.tls is None and not pump.lost:
+                    pump.write(b"QUIT\r\n")  # the only thing we ever send after a failed dialogue in clear
+                    pump.close()
+                else:
+                    _abort_all(pump)
+            if isinstance(e, SessionError):
+                e.reason = f"{ep}: {e.reason}"
+                raise
+            if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
+                raise SessionError("421 4.4.2 upstream timed out", f"{ep}: {phase} timed out") from None
+            if isinstance(e, OSError):
+                raise SessionError("421 4.4.1 upstream unreachable", f"{ep}: {_describe(e)}") from None
+            raise
+
+    def _ask_admin(self) -> str:
+        fp = self.settings.own_fp
+        return (f"our certificate is sha256 {fp}: the server's admin must allow it (certproxy server "
+                f"--allow-fingerprint {fp}, or Postfix relay_clientcerts '{fp} laptop')")
+
+    async def run_splice(self) -> None:
+        client = self.client
+        if client.lost or (client.eof and not client.held):
+            self.finish("client-gone", "local client left before the tunnel was up")
+            return
+        if self.facts["tls"] == "starttls":
+            client.write(f"220 {self.settings.cfg.ehlo} ESMTP certproxy: TLS to {self.facts['upstream']} "
+                         "verified\r\n".encode())
+        self.far.filter = watch = HideExtensions(frozenset())  # only to follow the replies
+        await self.splice(watch)
 
 
 class ClientService(_Listener):
     """Listens for plain SMTP clients and carries each session to a pinned upstream over TLS."""
 
+    role = "client"
+
     def __init__(self, cfg: ClientConfig) -> None:
-        super().__init__(cfg.listen, cfg.max_connections,
-                         b"421 4.7.0 certproxy: too many connections, try again later\r\n")
-        self.cfg = cfg
-        self.ctx = client_context(cfg)
+        super().__init__(_ClientSettings(cfg, client_context(cfg), _own_fingerprint(cfg.cert)))
+
+    def _busy_reply(self) -> bytes:
+        return b"421 4.7.0 certproxy: too many connections, try again later\r\n"
 
     def _certificate_files(self) -> list[tuple[str, str]]:
         return [("--cert", self.cfg.cert)] + ([("--ca", self.cfg.ca)] if self.cfg.ca else [])
+
+    def _new_session(self, sock: socket.socket, peer: str) -> _Session:
+        return _ClientSession(self.settings, sock)
 
     async def start(self) -> None:
         await self._listen()
@@ -1635,74 +2216,9 @@ class ClientService(_Listener):
         _log_event(logging.INFO, "listening", service=self.service_name, role="client",
                    listen=f"{self.listen.host}:{self.port}", upstreams=ups)
 
-    async def _session(self, sock: socket.socket, peer: str) -> None:
-        sid = next(_session_ids)
-        t0 = time.monotonic()
-        local = await _adopt(sock)
-        facts: dict[str, object] = {}
-        outcome, reason = "ok", ""
-        upstream: _Upstream | None = None
-        try:
-            upstream, failures = await self._connect_any()
-            if upstream is None:
-                last = failures[-1][0]
-                local.transport.write(last.reply.encode() + b"\r\n")
-                local.transport.close()
-                outcome = "refused"
-                reason = "; ".join(e.reason for e, _ in failures)
-                facts["upstream"] = failures[-1][1]
-                return
-            if failures:
-                facts["failover"] = "; ".join(e.reason for e, _ in failures)
-            facts["upstream"] = upstream.facts.pop("upstream")
-            facts.update(upstream.facts)
-            if local.lost:
-                upstream.transport.close()
-                outcome, reason = "client-gone", "local client left before the tunnel was up"
-                return
-            if facts["tls"] == "starttls":
-                local.transport.write(
-                    f"220 {self.cfg.ehlo} ESMTP certproxy: TLS to {facts['upstream']} verified\r\n".encode())
-            upstream.pump.filter = HideExtensions(frozenset())  # only to follow the replies
-            splice = _Splice(local, upstream.pump, self.cfg.timeouts.idle)
-            await splice.done
-            outcome = splice.outcome
-        except asyncio.CancelledError:
-            outcome, reason = "cancelled", "service stopping"
-            for p in (local, upstream.pump if upstream else None):
-                if p is not None and p.transport is not None and not p.lost:
-                    p.transport.abort()
-            raise
-        except Exception as e:  # a bug: say so, and lose the session rather than the process
-            outcome, reason = "error", f"internal error {type(e).__name__}: {e}"
-            log.exception("session id=%d internal error", sid)
-            if not local.lost:
-                local.transport.write(b"421 4.3.0 certproxy internal error\r\n")
-                local.transport.close()
-        finally:
-            _close_all(local, upstream.pump if upstream else None)
-            _log_event(logging.INFO if outcome == "ok" else logging.WARNING, "session", id=sid,
-                       service=self.service_name, worker=_WORKER, peer=peer, **facts, bytes_up=local.nbytes,
-                       bytes_down=upstream.pump.nbytes if upstream else 0,
-                       duration=round(time.monotonic() - t0, 3), outcome=outcome, reason=reason)
-            _release(local, upstream.pump if upstream else None)
-
-    async def _connect_any(self) -> tuple[_Upstream | None, list[tuple[SessionError, str]]]:
-        failures: list[tuple[SessionError, str]] = []
-        for up in self.cfg.upstreams:
-            try:
-                conn = await _open_upstream(self.cfg, self.ctx, up)
-            except SessionError as e:
-                failures.append((e, str(up.endpoint)))
-                continue
-            conn.facts["upstream"] = str(up.endpoint)
-            conn.facts["tls"] = "implicit" if up.mode is TLSMode.IMPLICIT else "starttls"
-            return conn, failures
-        return None, failures
-
 
 # endregion
-# region Server mode: the service -----------------------------------------------------------------
+# region Server mode ------------------------------------------------------------------------------
 
 
 def _address(sockaddr: tuple) -> Address:
@@ -1736,7 +2252,7 @@ async def _accept_proxy_header(sock: socket.socket) -> tuple[Address | None, Add
     while True:
         data = await _peek(sock, MAX_PROXY_V2)
         if not data:
-            raise SessionError("", "the load balancer closed before sending a PROXY header")
+            raise SessionError("", "the load balancer closed before sending a PROXY header", outcome="closed")
         still = still + 1 if len(data) == seen else 0
         seen = len(data)
         if still >= 50:  # half a header and nothing more for 0.5 s (or a FIN behind it)
@@ -1767,28 +2283,247 @@ async def _sniff(sock: socket.socket) -> TLSMode | None:
     return TLSMode.IMPLICIT if first == b"\x16" else TLSMode.STARTTLS
 
 
-class ServerService(_Listener):
-    """Terminates TLS (implicit or STARTTLS), authorises the client certificate, splices to the MTA.
+@dataclass(frozen=True, slots=True)
+class _ServerSettings:
+    cfg: ServerConfig
+    ctx: SSL.Context
+    policy: ClientPolicy
+    hostname: str
 
-    One connection's life: [PROXY header from a load balancer] → [which TLS, on a dual port] →
-    [STARTTLS dialogue] → TLS handshake → authorise and route → backend connect, [PROXY header],
-    greeting, [XCLIENT] → splice. Each phase has its own deadline; the session ends in one log line.
-    """
+
+class _ServerSession(_Session):
+    """Mail-server side: [PROXY header from a load balancer] → [which TLS, on a dual port] →
+    [STARTTLS dialogue] → TLS handshake (any certificate) → judge the certificate and route, or refuse
+    in SMTP → backend connect, [PROXY header] → backend greeting, [EHLO + XCLIENT], [hand-over replay]
+    → splice."""
+
+    __slots__ = ("sock", "src", "dst", "mode", "gate", "route", "login", "tls")
+
+    def __init__(self, settings: _ServerSettings, sock: socket.socket, peer: str) -> None:
+        super().__init__(settings)
+        self.sock = sock
+        self.facts["peer"] = peer
+        self.mode = settings.cfg.mode
+        self.gate: SMTPGate | None = None  # the STARTTLS dialogue, if there was one
+        self.route: Endpoint | None = None
+        self.login: str | None = None
+        self.tls: _TLS | None = None
+
+    def phases(self) -> list[Phase]:
+        cfg, host = self.settings.cfg, self.settings.hostname
+        to = cfg.timeouts
+        unavailable = "421 4.3.0 mail server unavailable, try again later"
+        return [("proxy", to.handshake, self.proxy, ""),
+                ("starttls", to.dialogue, self.starttls, f"421 4.4.2 {host} Error: timeout exceeded"),
+                ("handshake", to.handshake, self.handshake, ""),
+                ("authorise", to.dialogue, self.authorise, ""),
+                ("backend", to.connect, self.backend, unavailable),
+                ("backend-dialogue", to.dialogue, self.backend_dialogue, unavailable),
+                ("splice", None, self.run_splice, "")]
+
+    async def proxy(self) -> None:
+        """Who the client really is (a PROXY header from --proxy-from), and on a dual port which TLS."""
+        cfg = self.settings.cfg
+        sock = self.sock
+        self.src, self.dst = _address(sock.getpeername()), _address(sock.getsockname())
+        if cfg.proxy_from and any(ipaddress.ip_address(self.src[0]) in net for net in cfg.proxy_from):
+            told_src, told_dst = await _accept_proxy_header(sock)
+            if told_src is not None:
+                self.facts["via"] = self.facts["peer"]
+                self.facts["peer"] = _show(told_src)
+                self.src, self.dst = told_src, told_dst
+        if self.mode is TLSMode.EITHER:
+            self.mode = await _sniff(sock)
+            if self.mode is None:
+                self.finish("closed", "client left before saying anything")
+                return
+        self.facts["tls"] = "implicit" if self.mode is TLSMode.IMPLICIT else "none"  # "starttls" once it has
+        if self.mode is TLSMode.STARTTLS:
+            self.client = await _adopt(sock)
+
+    async def starttls(self) -> None:
+        if self.mode is not TLSMode.STARTTLS:
+            return
+        cfg = self.settings.cfg
+        gate = self.gate = SMTPGate(self.settings.hostname, optional=cfg.starttls_optional)
+        self.client.write(gate.greeting())
+        await _drive(self.client, gate)
+        if gate.state is _GateState.CLOSED:
+            await _goodbye(self.client, b"")
+            self.finish("refused" if gate.refused_clear else "closed", gate.reason or "client left before STARTTLS")
+        elif gate.state is _GateState.HANDOVER:
+            # --starttls-optional: a client staying in clear is a stranger, whatever it claims.
+            self.facts["cert"] = "none"
+            self.route = cfg.untrusted_backend
+
+    async def handshake(self) -> None:
+        if self.gate is not None and self.gate.state is _GateState.HANDOVER:
+            return
+        self.tls = tls = _TLS(self.settings.ctx, server=True)
+        try:
+            if self.client is None:  # implicit TLS: from the first byte
+                self.client = await _adopt(self.sock, tls)
+            else:
+                self.client.start_tls(tls)
+            await self.client.handshake
+        except SessionError as e:
+            if self.client.tls_error:
+                raise PeerRejected("", f"TLS handshake failed: {e.reason}") from None
+            raise SessionError("", f"client closed the connection during the TLS handshake ({e.reason})") from None
+        self.facts["tls"] = "implicit" if self.gate is None else "starttls"
+        self.facts.update(tls.facts())
+
+    async def authorise(self) -> None:
+        """Judge the client certificate and choose the backend; a client that may not pass is told
+        why in SMTP, inside TLS (greeted, then every mail command refused), and logged with what to
+        add to allow it."""
+        if self.tls is None:
+            return
+        cfg, policy = self.settings.cfg, self.settings.policy
+        der = self.tls.peer_der()
+        facts = self.facts
+        if der is None:
+            reply, why = "530 5.7.0 client certificate required", "no client certificate"
+            facts["cert"] = "none"
+        else:
+            verdict = policy.judge(der, self.tls)
+            facts["cert_subject"], facts["cert_fp"] = verdict.subject, verdict.fingerprint
+            if verdict.allowed:
+                facts["cert"], facts["cert_name"] = "allowed", verdict.name
+                self.route, self.login = cfg.backend, verdict.name
+                return
+            facts["cert"] = "refused"
+            facts["cert_issuer"], facts["cert_spki"] = verdict.issuer, verdict.spki
+            reply, why = verdict.reply, verdict.why
+            if cfg.client_cert != "none":
+                facts["action"] = _allow_hint(cfg, verdict)
+        if cfg.client_cert != "required":
+            if cfg.client_cert == "optional":
+                facts["untrusted"] = why
+            self.route = cfg.untrusted_backend
+            return
+        gate = SMTPGate(self.settings.hostname, refusal=reply)
+        if self.mode is TLSMode.IMPLICIT:
+            self.client.write(gate.greeting())
+        self.finish("refused", why)
+        try:
+            await _drive(self.client, gate)
+        except ProtocolError as e:
+            await _goodbye(self.client, e.reply)
+            return
+        except SessionError:
+            return
+        await _goodbye(self.client, b"")
+
+    async def backend(self) -> None:
+        """Connect to the MTA and say who the client is with a PROXY header if configured."""
+        cfg, ep = self.settings.cfg, self.route
+        self.facts["backend"] = str(ep)
+        try:
+            self.far = await _dial(ep)
+        except OSError as e:
+            raise SessionError("421 4.3.0 mail server unavailable, try again later",
+                               f"backend {ep}: {_describe(e)}") from None
+        if cfg.proxy_protocol:
+            self.far.write(proxy_header(cfg.proxy_protocol, self.src, self.dst))
+
+    async def backend_dialogue(self) -> None:
+        """The MTA's greeting, [EHLO + XCLIENT and the new greeting], [the hand-over's EHLO replayed,
+        its reply swallowed]. In implicit TLS the client has heard nothing yet, so the MTA's (last)
+        greeting becomes the client's; a hand-over's pending command goes on at the end."""
+        cfg, host, far = self.settings.cfg, self.settings.hostname, self.far
+        who = f"backend {self.route}"
+        try:
+            greeting = await _exchange(far, b"", who)
+            if greeting.code != 220:
+                raise ProtocolError("", f"{who} greeted with {greeting.code} {greeting.lines[0]}")
+            if cfg.xclient:
+                ehlo = await _exchange(far, f"EHLO {host}\r\n".encode(), who)
+                offered = _xclient_offer(ehlo)
+                if offered is None or "ADDR" not in offered:
+                    raise ProtocolError("", f"{who} does not offer XCLIENT to certproxy; allow it (Postfix: "
+                                            "smtpd_authorized_xclient_hosts = 127.0.0.1) or drop --xclient")
+                greeting = await _exchange(far, xclient_command(offered, self.src, self.login), who)
+                if greeting.code != 220:
+                    raise ProtocolError("", f"{who} refused XCLIENT: {greeting.code} {greeting.lines[0]}")
+            handover = self.gate if self.gate is not None and self.gate.state is _GateState.HANDOVER else None
+            if handover is not None and handover.helo:
+                reply = await _exchange(far, handover.helo, who)
+                if reply.code // 100 != 2:
+                    raise ProtocolError("", f"{who} refused the client's replayed "
+                                            f"{handover.helo[:4].decode('latin-1')}: {reply.code} {reply.lines[0]}")
+        except SessionError as e:
+            raise SessionError("421 4.3.0 mail server unavailable, try again later", e.reason) from None
+        if self.mode is TLSMode.IMPLICIT:
+            self.client.write(greeting.encode())
+        if handover is not None:
+            far.write(handover.pending)
+
+    async def run_splice(self) -> None:
+        self.far.filter = watch = HideExtensions()  # the client is inside TLS already: STARTTLS there is a lie
+        await self.splice(watch)
+
+
+def _allow_hint(cfg: ServerConfig, verdict: Verdict) -> str:
+    """What the operator adds to let a refused certificate in (pasteable)."""
+    if verdict.reply.startswith("554 5.7.1 certificate expired") or "not valid before" in verdict.why:
+        return "ask the certificate's owner for a renewed one and put that in --allow (or issue it from --client-ca)"
+    if cfg.client_ca and cfg.allow_fingerprints.digests:
+        return f"if this is a laptop of yours: --allow-fingerprint '{verdict.spki} NAME'"
+    return f"if this is a laptop of yours: save its certificate in an --allow file or directory, or " \
+           f"--allow-fingerprint '{verdict.spki} NAME' with --client-ca"
+
+
+async def _exchange(pump: _Pump, command: bytes, who: str) -> Reply:
+    exchange = Exchange(command, who=who)
+    await _drive(pump, exchange)
+    return exchange.reply
+
+
+def _xclient_offer(ehlo: Reply) -> set[str] | None:
+    """The XCLIENT attributes an EHLO reply offers, or None."""
+    offered = None
+    for line in ehlo.lines[1:] if ehlo.code == 250 else ():
+        words = line.upper().split()
+        if words and words[0] == "XCLIENT":
+            offered = set(words[1:])
+    return offered
+
+
+class ServerService(_Listener):
+    """Terminates TLS (implicit or STARTTLS), judges the client certificate, splices to the MTA."""
+
+    role = "server"
 
     def __init__(self, cfg: ServerConfig) -> None:
         hostname = cfg.hostname or socket.getfqdn() or "localhost"
+        ctx, policy = server_context(cfg)
+        super().__init__(_ServerSettings(cfg, ctx, policy, hostname))
+
+    @property
+    def hostname(self) -> str:
+        return self.settings.hostname
+
+    @property
+    def policy(self) -> ClientPolicy:
+        return self.settings.policy
+
+    def _busy_reply(self) -> bytes | None:
         # Before TLS we can say we are busy; on an implicit-TLS port only a close is possible (on a
         # dual port a TLS client takes the reply for a broken ServerHello: refused either way).
-        busy = f"421 4.7.0 {hostname} too busy, try again later\r\n".encode()
-        super().__init__(cfg.listen, cfg.max_connections, None if cfg.mode is TLSMode.IMPLICIT else busy)
-        self.cfg = cfg
-        self.hostname = hostname
-        self.max_per_ip = cfg.max_per_ip
-        self.ctx, self.policy = server_context(cfg)
+        if self.cfg.mode is TLSMode.IMPLICIT:
+            return None
+        return f"421 4.7.0 {self.settings.hostname} too busy, try again later\r\n".encode()
+
+    def _max_per_ip(self) -> int:
+        return self.cfg.max_per_ip
 
     def _certificate_files(self) -> list[tuple[str, str]]:
         files = [("--cert", self.cfg.cert)] + [("--allow", f) for f in _allow_files(self.cfg.allow)]
         return files + ([("--client-ca", self.cfg.client_ca)] if self.cfg.client_ca else [])
+
+    def _new_session(self, sock: socket.socket, peer: str) -> _Session:
+        return _ServerSession(self.settings, sock, peer)
 
     async def start(self) -> None:
         await self._listen()
@@ -1798,240 +2533,6 @@ class ServerService(_Listener):
                    untrusted_backend=cfg.untrusted_backend and str(cfg.untrusted_backend),
                    client_cert=cfg.client_cert, xclient="yes" if cfg.xclient else None,
                    proxy_protocol=cfg.proxy_protocol)
-
-    async def _session(self, sock: socket.socket, peer: str) -> None:
-        sid = next(_session_ids)
-        t0 = time.monotonic()
-        # A reload swaps these; a session keeps the settings it started with.
-        cfg, ctx, policy, hostname = self.cfg, self.ctx, self.policy, self.hostname
-        facts: dict[str, object] = {"peer": peer}
-        outcome, reason = "ok", ""
-        backend: _Pump | None = None
-        tls_pump = _Pump()
-        raw = True  # the socket has no transport yet: closing it is ours to do
-        try:
-            try:
-                src, dst = _address(sock.getpeername()), _address(sock.getsockname())
-                async with asyncio.timeout(cfg.timeouts.handshake):
-                    if cfg.proxy_from and any(ipaddress.ip_address(src[0]) in net for net in cfg.proxy_from):
-                        told_src, told_dst = await _accept_proxy_header(sock)
-                        if told_src is not None:
-                            facts["peer"], facts["via"] = _show(told_src), peer
-                            src, dst = told_src, told_dst
-                    mode = cfg.mode if cfg.mode is not TLSMode.EITHER else await _sniff(sock)
-            except OSError as e:  # a reset (port probe) before we said or read anything
-                outcome, reason = "closed", f"client went away before TLS or SMTP began ({_describe(e)})"
-                return
-            if mode is None:
-                outcome, reason = "closed", "client left before saying anything"
-                return
-            facts["tls"] = "implicit" if mode is TLSMode.IMPLICIT else "none"  # "starttls" once it has
-            raw = False
-            gate = None
-            if mode is TLSMode.STARTTLS:
-                client = tls_pump = await _adopt(sock)
-                gate = SMTPGate(hostname, optional=cfg.starttls_optional)
-                client.transport.write(gate.greeting())
-                if not await self._converse(client, gate, cfg.timeouts.dialogue):
-                    outcome = "refused" if gate.refused_clear else "closed"
-                    reason = gate.reason or "client left before STARTTLS"
-                    return
-            handover = gate if gate is not None and gate.state is _GateState.HANDOVER else None
-            if handover is not None:
-                # --starttls-optional: a client staying in clear is a stranger, whatever it claims.
-                facts["cert"] = "none"
-                route, login = cfg.untrusted_backend, None
-            else:
-                tls_pump = await self._handshake(ctx, cfg, tls_pump if gate else None, sock)
-                facts["tls"] = "implicit" if gate is None else "starttls"
-                facts.update(tls_facts(tls_pump.transport))
-                route, login, refusal = self._route(cfg, policy, peer_certificate(tls_pump.transport), facts)
-                if route is None:
-                    outcome, reason = "refused", refusal[1]
-                    await self._refuse(tls_pump, refusal[0], mode, hostname, cfg.timeouts.dialogue)
-                    return
-            facts["backend"] = str(route)
-            backend = await self._open_backend(cfg, tls_pump, route, src, dst, login, mode, hostname, handover)
-            backend.filter = HideExtensions()  # the client is inside TLS already: STARTTLS there is a lie
-            splice = _Splice(tls_pump, backend, cfg.timeouts.idle)
-            await splice.done
-            outcome = splice.outcome
-        except SessionError as e:
-            outcome, reason = "refused" if isinstance(e, (ProtocolError, PeerRejected)) else "failed", e.reason
-            await _goodbye(tls_pump, e.reply)
-        except (TimeoutError, asyncio.TimeoutError):
-            outcome, reason = "timeout", "client too slow (dialogue or handshake deadline)"
-            if tls_pump.transport is not None:
-                tls_pump.transport.abort()
-        except asyncio.CancelledError:
-            outcome, reason = "cancelled", "service stopping"
-            for p in (tls_pump, backend):
-                if p is not None and p.transport is not None and not p.lost:
-                    p.transport.abort()
-            raise
-        except Exception as e:
-            outcome, reason = "error", f"internal error {type(e).__name__}: {e}"
-            log.exception("session id=%d internal error", sid)
-            if tls_pump.transport is not None:
-                tls_pump.transport.abort()
-        finally:
-            if raw:
-                sock.close()
-            _close_all(tls_pump, backend)
-            _log_event(logging.INFO if outcome == "ok" else logging.WARNING, "session", id=sid,
-                       service=self.service_name, worker=_WORKER, **facts, bytes_in=tls_pump.nbytes,
-                       bytes_out=backend.nbytes if backend else 0,
-                       duration=round(time.monotonic() - t0, 3), outcome=outcome, reason=reason)
-            _release(tls_pump, backend)
-
-    async def _converse(self, pump: _Pump, gate: SMTPGate, deadline: float) -> bool:
-        """Run ``gate`` until STARTTLS (True) or the end of the conversation (False)."""
-        async with asyncio.timeout(deadline):  # a total deadline: trickling bytes does not extend it
-            while True:
-                data = await _pull(pump)
-                if not data:
-                    return False
-                out = gate.receive_data(data)
-                if gate.state is _GateState.CLOSED:
-                    await _goodbye(pump, out)
-                    return False
-                if out:
-                    pump.transport.write(out)
-                if gate.state in (_GateState.STARTTLS, _GateState.HANDOVER):
-                    return True  # reading is paused: nothing more is read in clear until decided
-
-    async def _handshake(self, ctx: ssl.SSLContext, cfg: ServerConfig, client: _Pump | None,
-                         sock: socket.socket | None = None) -> _Pump:
-        """TLS on the STARTTLS connection ``client``, or on the freshly accepted ``sock`` (implicit)."""
-        loop = asyncio.get_running_loop()
-        pump = _Pump()
-        hs = cfg.timeouts.handshake
-        try:
-            async with asyncio.timeout(hs):
-                if client is not None:
-                    transport = await loop.start_tls(client.transport, pump, ctx, server_side=True,
-                                                     ssl_handshake_timeout=hs,
-                                                     ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
-                else:
-                    transport, _ = await loop.connect_accepted_socket(lambda: pump, sock, ssl=ctx,
-                                                                      ssl_handshake_timeout=hs,
-                                                                      ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
-        except BaseException as e:
-            if client is not None:
-                client.transport.abort()
-            elif pump.transport is None:
-                sock.close()
-            if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
-                raise SessionError("", "TLS handshake timed out") from None
-            if not isinstance(e, (OSError, ssl.SSLError)):
-                raise
-            if not isinstance(e, ssl.SSLError):  # a reset or EOF: a port probe, or a client giving up
-                raise SessionError("", f"client closed the connection during the TLS handshake ({_describe(e)})") \
-                    from None
-            hint = " (an unknown client certificate fails here: add it with --allow, or issue it from --client-ca)" \
-                if "CERTIFICATE" in str(e.reason or e).upper() else ""
-            raise PeerRejected("", f"TLS handshake failed: {_describe(e)}{hint}") from None
-        pump.connection_made(transport)
-        return pump
-
-    @staticmethod
-    def _route(cfg: ServerConfig, policy: ClientPolicy, der: bytes | None,
-               facts: dict[str, object]) -> tuple[Endpoint | None, str | None, tuple[str, str]]:
-        """Where a client that presented ``der`` goes: (backend, its name for XCLIENT, ("", "")), or
-        (None, None, (reply, log reason)) when it is refused. Only an allowed certificate reaches
-        --backend; under --client-cert optional everyone else goes to --untrusted-backend."""
-        if der is None:
-            refusal = ("530 5.7.0 client certificate required", "no client certificate")
-            facts["cert"] = "none"
-        else:
-            verdict = policy.judge(der)
-            facts["cert_subject"], facts["cert_fp"] = verdict.subject, verdict.fingerprint
-            if verdict.allowed:
-                facts["cert"] = "allowed"
-                facts["cert_name"] = verdict.name
-                return cfg.backend, verdict.name, ("", "")
-            refusal = ("554 5.7.1 certificate not authorised", verdict.why)
-            facts["cert"] = "refused"
-        if cfg.client_cert != "required":
-            if cfg.client_cert == "optional":
-                facts["untrusted"] = refusal[1]
-            return cfg.untrusted_backend, None, ("", "")
-        return None, None, refusal
-
-    async def _refuse(self, pump: _Pump, reply: str, mode: TLSMode, hostname: str, deadline: float) -> None:
-        """Tell a TLS client without an allowed certificate why, in SMTP, then hang up."""
-        gate = SMTPGate(hostname, refusal=reply)
-        if mode is TLSMode.IMPLICIT:
-            pump.transport.write(gate.greeting())
-        try:
-            await self._converse(pump, gate, deadline)
-        except (TimeoutError, asyncio.TimeoutError):
-            pass
-        except ProtocolError as e:
-            await _goodbye(pump, e.reply)
-        if not pump.lost:
-            pump.transport.close()
-
-    async def _open_backend(self, cfg: ServerConfig, client: _Pump, ep: Endpoint, src: Address, dst: Address,
-                            login: str | None, mode: TLSMode, hostname: str, handover: SMTPGate | None = None) -> _Pump:
-        """Connect to the MTA, [PROXY header], consume its greeting, [XCLIENT]. In implicit TLS the
-        client has heard nothing yet, so the MTA's (last) greeting becomes the client's. A
-        ``handover`` (a client in clear under --starttls-optional) has talked to us already: its
-        EHLO/HELO is replayed and the reply swallowed, then its pending command goes on."""
-        loop = asyncio.get_running_loop()
-        pump = _Pump()
-        who = f"backend {ep}"
-        try:
-            async with asyncio.timeout(cfg.timeouts.connect):
-                await loop.create_connection(lambda: pump, ep.host, ep.port)
-            if cfg.proxy_protocol:
-                pump.transport.write(proxy_header(cfg.proxy_protocol, src, dst))
-            async with asyncio.timeout(cfg.timeouts.dialogue):
-                greeting = await _read_reply(pump, keep=False, who=who)
-                if greeting is None or greeting.code != 220:
-                    raise ProtocolError("", "closed the connection" if greeting is None
-                                        else f"greeted with {greeting.code} {greeting.lines[0]}")
-                if cfg.xclient:
-                    greeting = await self._xclient(pump, hostname, src, login)
-                if handover is not None and handover.helo:
-                    pump.transport.write(handover.helo)
-                    reply = await _read_reply(pump, keep=False, who=who)
-                    if reply is None or reply.code // 100 != 2:
-                        got = "closed the connection" if reply is None else f"{reply.code} {reply.lines[0]}"
-                        raise ProtocolError("", f"refused the client's replayed "
-                                                f"{handover.helo[:4].decode('latin-1')}: {got}")
-        except BaseException as e:  # the backend connection never outlives a failure here (nor a cancel)
-            if pump.transport is not None:
-                pump.transport.abort()
-            if not isinstance(e, (OSError, TimeoutError, asyncio.TimeoutError, ProtocolError)):
-                raise
-            why = getattr(e, "reason", None) or _describe(e)
-            raise SessionError("421 4.3.0 mail server unavailable, try again later",
-                               why if why.startswith(who) else f"{who}: {why}") from None
-        if mode is TLSMode.IMPLICIT:
-            client.transport.write(greeting.encode())
-        if handover is not None:
-            pump.transport.write(handover.pending)
-        return pump
-
-    @staticmethod
-    async def _xclient(pump: _Pump, hostname: str, src: Address, login: str | None) -> Reply:
-        pump.transport.write(f"EHLO {hostname}\r\n".encode())
-        ehlo = await _read_reply(pump, keep=False, who="backend")
-        offered = None
-        for line in ehlo.lines[1:] if ehlo is not None and ehlo.code == 250 else ():
-            words = line.upper().split()
-            if words and words[0] == "XCLIENT":
-                offered = set(words[1:])
-        if offered is None or "ADDR" not in offered:
-            raise ProtocolError("", "does not offer XCLIENT to certproxy; allow it (Postfix: "
-                                    "smtpd_authorized_xclient_hosts = 127.0.0.1) or drop --xclient")
-        pump.transport.write(xclient_command(offered, src, login))
-        reply = await _read_reply(pump, keep=False, who="backend")
-        if reply is None or reply.code != 220:
-            got = "closed the connection" if reply is None else f"{reply.code} {reply.lines[0]}"
-            raise ProtocolError("", f"refused XCLIENT: {got}")
-        return reply
 
 
 # endregion
@@ -2195,21 +2696,22 @@ def certificate_summary(der: bytes) -> dict[str, str]:
         sans = ", ".join(str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
     except x509.ExtensionNotFound:
         sans = "-"
+    not_after = _validity(cert)[1]
     return {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(), "sans": sans,
-            "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "days_left": str((cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)).days)}
+            "not_after": not_after.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "days_left": str((not_after - datetime.datetime.now(datetime.timezone.utc)).days)}
 
 
 def expiry_problem(der: bytes) -> str | None:
     """A sentence when the certificate has expired or expires within EXPIRY_WARNING_DAYS, else None."""
     from cryptography import x509
 
-    cert = x509.load_der_x509_certificate(der)
-    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    not_after = _validity(x509.load_der_x509_certificate(der))[1]
+    left = not_after - datetime.datetime.now(datetime.timezone.utc)
     if left.total_seconds() <= 0:
-        return f"EXPIRED on {cert.not_valid_after_utc:%Y-%m-%d}"
+        return f"EXPIRED on {not_after:%Y-%m-%d}"
     if left.days < EXPIRY_WARNING_DAYS:
-        return f"expires in {left.days} days ({cert.not_valid_after_utc:%Y-%m-%d})"
+        return f"expires in {left.days} days ({not_after:%Y-%m-%d})"
     return None
 
 
@@ -2240,47 +2742,63 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 
 async def _probe(args: argparse.Namespace) -> int:
     ep = Endpoint.parse(args.target, "HOST:PORT")
-    up = Upstream(endpoint=ep, mode=upstream_mode(ep, args.starttls, args.tls))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    _harden(ctx)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # probe shows what is there; deciding to trust it is the user's job
+    mode = upstream_mode(ep, args.starttls, args.tls)
+    ctx = _tls_context(server=False)
+    ctx.set_verify(SSL.VERIFY_PEER, _on_verify)  # records, never refuses: the probe shows what is there
     if args.cert:
-        _load_cert_chain(ctx, args.cert, args.key)
-    asked: list[bool] | None = []
+        _load_identity(ctx, args.cert, args.key)
+    asked: list[bool] = []
 
-    def on_message(conn, direction, version, content_type, msg_type, data) -> None:
-        if direction == "read" and msg_type == getattr(ssl, "_TLSMessageType").CERTIFICATE_REQUEST:
+    def on_state(conn, where: int, ret: int) -> None:
+        if b"certificate request" in (conn.get_state_string() or b""):
             asked.append(True)
 
+    ctx.set_info_callback(on_state)
+    tls = _TLS(ctx, server=False, sni=args.server_name or ep.host)
+    pump = None
     try:
-        ctx._msg_callback = on_message  # the only way the stdlib shows a CertificateRequest
-    except AttributeError:
-        asked = None
-    pump = _Pump()
-    try:
-        transport = await _tls_connect(ctx, up, pump, sni=args.server_name or ep.host, ehlo=DEFAULT_EHLO,
-                                       to=Timeouts(connect=15, dialogue=15, handshake=15))
+        async with asyncio.timeout(15):
+            pump = await _dial(ep, tls if mode is TLSMode.IMPLICIT else None)
+            if mode is TLSMode.STARTTLS:
+                await _drive(pump, StartTLSClient(DEFAULT_EHLO))
+                pump.start_tls(tls)
+            await pump.handshake
     except SessionError as e:
         print(f"certproxy: probe {ep}: {e.reason}", file=sys.stderr)
         return 1
-    except (OSError, ssl.SSLError, TimeoutError, asyncio.TimeoutError) as e:
+    except (OSError, TimeoutError, asyncio.TimeoutError) as e:
         print(f"certproxy: probe {ep}: {_describe(e)}", file=sys.stderr)
         return 1
-    sslobj = transport.get_extra_info("ssl_object")
-    der = sslobj.getpeercert(binary_form=True)
-    chain = getattr(sslobj, "get_unverified_chain", lambda: None)()  # Python 3.13+
-    ders = [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain] if chain else [der]
-    facts = tls_facts(transport)
-    requested = "unknown (needs Python's ssl message callback)" if asked is None else ("yes" if asked else "no")
-    transport.abort()
-    print(f"{ep} ({up.mode.value})\n  TLS        {facts['tls_version']} {facts['cipher']}\n"
-          f"  asked for a client certificate: {requested}\n  chain as sent by the server:")
+    finally:
+        if pump is not None and pump.tls is None:
+            _abort_all(pump)
+    ders = tls.peer_chain() or [tls.peer_der()]
+    facts = tls.facts()
+    ca_names = [n.to_cryptography().rfc4514_string() if hasattr(n, "to_cryptography") else
+                "".join(f"/{k.decode()}={v.decode()}" for k, v in n.get_components())
+                for n in tls.conn.get_client_ca_list() or ()]
+    accepted = ""
+    if args.cert:  # does the server let us talk once it has seen our certificate?
+        exchange = Exchange(b"" if mode is TLSMode.IMPLICIT else b"NOOP\r\n", keep=True)
+        try:
+            async with asyncio.timeout(10):
+                await _drive(pump, exchange)
+            accepted = f"the server answered inside TLS: {exchange.reply.code} {exchange.reply.lines[0]}"
+        except (SessionError, TimeoutError, asyncio.TimeoutError) as e:
+            accepted = f"NO: the server ended the session after the handshake ({getattr(e, 'reason', 'timed out')})"
+    pump.close()
+    _release(pump)
+    print(f"{ep} ({mode.value})\n  TLS        {facts['tls_version']} {facts['cipher']}\n"
+          f"  asked for a client certificate: {'yes' if asked else 'no'}"
+          + (f" (CA names: {'; '.join(ca_names)})" if ca_names else "")
+          + (f"\n  our client certificate: {accepted}" if accepted else "")
+          + "\n  chain as sent by the server:")
     for i, cert_der in enumerate(ders):
         info = certificate_summary(cert_der)
         problem = expiry_problem(cert_der)
         print(f"   {i} subject  {info['subject']}\n     issuer   {info['issuer']}\n     SANs     {info['sans']}\n"
               f"     expires  {info['not_after']}" + (f"  WARNING: {problem}" if problem else ""))
+    der = ders[0]
     fp, spki = format_fingerprint(cert_fingerprint(der)), format_fingerprint(spki_fingerprint(der))
     print(f"  server certificate\n    sha256  {fp}\n    spki    {spki}\n\n"
           f"  Compare this with the server's own 'certproxy fingerprint' before trusting it, then:\n"

@@ -51,7 +51,7 @@ class TestHappyPath:
         await asyncio.sleep(0.1)
         line = await session_line(caplog)
         for fact in ("outcome=ok", f"upstream={up.endpoint}", f"tls={'implicit' if mode == 'tls' else mode}", "tls_version=TLSv1.3", "cipher=",
-                     "server_fp=", "bytes_up=", "bytes_down=", "duration=", "peer=127.0.0.1:"):
+                     "server_fp=", "bytes_in=", "bytes_out=", "duration=", "peer=127.0.0.1:"):
             assert fact in line, line
 
     async def test_starttls_greeting_comes_from_certproxy_and_ehlo_goes_through_tls(self, aiosmtpd_upstream, client_service):

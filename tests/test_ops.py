@@ -44,7 +44,7 @@ class TestConfigErrors:
         ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"/nonexistent.pem\"\npin = [\"{fp}\"]\n",
          "[client.laptop] --cert: cannot read '/nonexistent.pem'"),
         ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"{client}\"\nkey = \"{other_key}\"\npin = [\"{fp}\"]\n",
-         "[client.laptop] --key: cannot load the certificate"),
+         "[client.laptop] --key: the key"),
         ("[server.mx]\ntls = true\nbackend = \"127.0.0.1:25\"\ncert = \"{server}\"\n",
          "[server.mx] --allow: give --allow"),
         ("[server.mx]\nbackend = \"127.0.0.1:25\"\ncert = \"{server}\"\nallow = [\"{client}\"]\n",
@@ -145,10 +145,7 @@ class TestReloadAndDrain:
                                                                                 str(certs.other_client.cert)))
             proc.proc.send_signal(signal.SIGHUP)
             assert "reload outcome=ok" in proc.wait_log("reload outcome=ok")
-            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-                data = tls_greeting(port, certs, certs.client)
-                if not data:
-                    raise ConnectionError("closed")
+            assert tls_greeting(port, certs, certs.client).startswith(b"554 5.7.1 certificate not authorised\r\n")
             assert tls_greeting(port, certs, certs.other_client).startswith(b"220 backend.test")
             live.sendall(b"NOOP\r\n")
             assert live.recv(1024).startswith(b"250")

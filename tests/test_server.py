@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import smtplib
 import ssl
@@ -91,9 +92,10 @@ class TestHappyPath:
         svc = await server_service("tls", backend.endpoint, allow=[d])
         assert await asyncio.to_thread(smtplib_send, svc.port, "tls", client_ctx(certs, certs.client)) == {}
 
-    async def test_resumed_session_is_authorised_again(self, certs, backend, server_service, caplog):
-        """TLS 1.2 session-ID resumption skips the certificate check of the handshake; certproxy judges
-        the certificate of every session, resumed or not, against the allowlist in force now."""
+    async def test_offered_session_is_not_resumed_and_judged_again(self, certs, backend, server_service, caplog):
+        """TLS 1.2 session-ID resumption would skip the certificate exchange: certproxy keeps no session
+        cache and issues no tickets, so a client offering its last session gets a full handshake, and
+        its certificate is judged against the allowlist in force now."""
         caplog.set_level(logging.INFO, "certproxy")
         svc = await server_service("tls", backend.endpoint)
         ctx = client_ctx(certs, certs.client)
@@ -115,14 +117,16 @@ class TestHappyPath:
 
         sess, _, greeting, reply = await asyncio.to_thread(connect)
         assert greeting.startswith(b"220 backend.test") and reply.startswith(b"250")
-        # The certificate leaves the allowlist (what a reload does to the policy).
-        svc.policy = certproxy.ClientPolicy(frozenset(), (), certproxy.Pins(frozenset()))
+        assert sess is not None  # the client did keep a session to offer
+        # The certificate leaves the allowlist (what a reload does: new settings, swapped whole).
+        svc.settings = dataclasses.replace(svc.settings, policy=certproxy.ClientPolicy(
+            frozenset(), frozenset(), certproxy.Pins(frozenset())))
         _, reused, greeting, reply = await asyncio.to_thread(connect, sess)
-        assert reused is True  # the resumption path really was taken
-        assert reply == b"554 5.7.1 certificate not authorised\r\n"
+        assert reused is False  # a full handshake
+        assert greeting == reply == b"554 5.7.1 certificate not authorised\r\n"
         assert backend.connections == 1
-        await asyncio.sleep(0.1)
-        assert "resumed=yes" in (await session_line(caplog))
+        line = await session_line(caplog, count=2)
+        assert "cert=refused" in line and "resumed" not in line, line
 
 
 class TestRefusals:
@@ -130,9 +134,11 @@ class TestRefusals:
     async def test_no_certificate_gets_530(self, certs, backend, server_service, mode, caplog):
         caplog.set_level(logging.INFO, "certproxy")
         svc = await server_service(mode, backend.endpoint)
-        reader, writer, _ = await tls_open(svc.port, mode, client_ctx(certs))
+        reader, writer, greeting = await tls_open(svc.port, mode, client_ctx(certs))
+        if mode == "tls":  # the refusal is the greeting (RFC 5321 4.3.1), and the answer to all but QUIT
+            assert greeting == b"530 5.7.0 client certificate required\r\n"
         writer.write(b"EHLO laptop.test\r\n")
-        assert (await read_reply(reader)).startswith(b"250 ")
+        assert await read_reply(reader) == b"530 5.7.0 client certificate required\r\n"
         writer.write(b"MAIL FROM:<a@laptop.test>\r\n")
         assert await read_reply(reader) == b"530 5.7.0 client certificate required\r\n"
         writer.write(b"QUIT\r\n")
@@ -142,21 +148,6 @@ class TestRefusals:
         assert backend.connections == 0
         line = (await session_line(caplog))
         assert "outcome=refused" in line and "no client certificate" in line
-
-    @pytest.mark.parametrize("mode", ["tls", "starttls"])
-    async def test_unknown_certificate_fails_handshake(self, certs, backend, server_service, mode, caplog):
-        caplog.set_level(logging.INFO, "certproxy")
-        svc = await server_service(mode, backend.endpoint)
-        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
-            reader, writer, _ = await tls_open(svc.port, mode, client_ctx(certs, certs.other_client))
-            writer.write(b"EHLO laptop.test\r\n")
-            reply = await read_reply(reader)
-            if not reply:
-                raise ConnectionError("closed")
-        await asyncio.sleep(0.2)
-        assert backend.connections == 0
-        line = (await session_line(caplog))
-        assert "outcome=refused" in line and "--allow" in line
 
     async def test_client_ca_and_fingerprint_narrowing(self, certs, backend, server_service, tmp_path):
         import trustme
@@ -276,11 +267,14 @@ class TestPreTLSDialogue:
                 closed = True
                 break
             await asyncio.sleep(0.1)
-        data = await asyncio.wait_for(reader.read(), 5)
+        try:
+            data = await asyncio.wait_for(reader.read(), 5)
+        except ConnectionError:  # our trickle after the server's close: a reset is fair
+            data = b""
         writer.close()
         assert closed or data.count(b"250") < 3
-        await asyncio.sleep(0.1)
-        assert "outcome=timeout" in (await session_line(caplog))
+        line = await session_line(caplog)
+        assert "outcome=timeout" in line and "starttls: timed out after 1 s" in line, line
 
 
 class TestFullTunnel:

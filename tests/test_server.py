@@ -337,6 +337,52 @@ def test_demo_exits_zero():
     assert "delivered intact" in r.stdout and "outcome=ok" in r.stderr
 
 
+def test_copied_file_runs_on_debian_12_packages(tmp_path):
+    """The single file, copied alone, runs the whole chain on Debian 12's own python3, python3-openssl
+    (pyOpenSSL 23.0) and python3-cryptography (38): no venv, no uvloop, warnings as errors."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    system = "/usr/bin/python3"
+    probe = subprocess.run([system, "-I", "-c", "import OpenSSL, cryptography; print(OpenSSL.__version__)"],
+                           capture_output=True, text=True) if os.path.exists(system) else None
+    if probe is None or probe.returncode != 0:
+        msg = "Debian's python3-openssl is not installed (apt-get install python3-openssl python3-cryptography)"
+        if os.environ.get("CERTPROXY_REQUIRE_PEERS") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    copy = tmp_path / "certproxy.py"
+    shutil.copy(Path(__file__).resolve().parent.parent / "certproxy.py", copy)
+    r = subprocess.run([system, "-I", "-W", "error", str(copy), "demo"], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "delivered intact" in r.stdout and "outcome=ok" in r.stderr and "Traceback" not in r.stderr
+    # cryptography 38 has no verify_directly_issued_by: the signature check of --client-ca falls back
+    # to the issuer's public key, and must still tell the CA from a look-alike with its name.
+    check = """
+import sys
+sys.path.insert(0, ".")  # -I leaves the working directory out
+import certproxy
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+def load(pem_pair):
+    cert, key = pem_pair
+    return x509.load_pem_x509_certificate(cert), serialization.load_pem_private_key(key, None)
+for rsa in (False, True):
+    ca, evil = load(certproxy.make_certificate("Team CA", ca=True, rsa=rsa)), load(certproxy.make_certificate("Team CA", ca=True))
+    leaf = x509.load_pem_x509_certificate(certproxy.make_certificate("alice", usage="client", issuer=ca)[0])
+    fake = x509.load_pem_x509_certificate(certproxy.make_certificate("alice", usage="client", issuer=evil)[0])
+    assert certproxy._signed_by(leaf, ca[0]) and not certproxy._signed_by(fake, ca[0]), rsa
+    assert certproxy._validity(leaf)[0] < certproxy._validity(leaf)[1]
+print("ok")
+"""
+    r = subprocess.run([system, "-I", "-W", "error", "-c", check], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
 class TestBackpressure:
     async def test_backend_that_stops_reading_stalls_the_client(self, certs, server_service):
         """A slow side never makes memory grow without bound: with a backend that reads nothing, the

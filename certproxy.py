@@ -195,7 +195,7 @@ def parse_fingerprint(text: str) -> bytes:
 
 def format_fingerprint(digest: bytes) -> str:
     """``AB:CD:...``: the spelling of openssl and Postfix, and the one our log lines use."""
-    return ":".join(f"{b:02X}" for b in digest)
+    return digest.hex(":").upper()
 
 
 def cert_fingerprint(der: bytes) -> bytes:
@@ -432,19 +432,22 @@ class _PeerCheck:
     OpenSSL's first complaint about the chain; on a client ``leaf`` (the pin, or the CA and name
     check) decides at depth 0 and its reason is kept for the log."""
 
-    __slots__ = ("error", "leaf", "refusal")
+    __slots__ = ("error", "leaf", "refusal", "der")
 
     def __init__(self, leaf=None) -> None:
         self.error: tuple[int, int] | None = None  # (X509_V_ERR number, depth) of the first complaint
         self.leaf = leaf  # client only: callable(der, chain_error) -> "" (fine) or why not
         self.refusal = ""
+        self.der = b""  # client only: the server's leaf certificate, as judged
 
     def on_verify(self, cert, errno: int, depth: int, ok: int) -> bool:
         if not ok and self.error is None:
             self.error = (errno, depth)
         if self.leaf is None or depth:
             return True
-        self.refusal = self.leaf(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert), self.error)
+        if not self.der:
+            self.der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        self.refusal = self.leaf(self.der, self.error)
         return not self.refusal
 
 
@@ -513,8 +516,11 @@ class _TLS:
         chunks = []
         while True:
             try:
-                chunks.append(self.conn.bio_read(_BIO_CHUNK))
+                chunk = self.conn.bio_read(_BIO_CHUNK)
             except SSL.WantReadError:
+                break
+            chunks.append(chunk)
+            if len(chunk) < _BIO_CHUNK:  # a memory BIO gives all it holds: it is empty now
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -626,8 +632,8 @@ def _server_check(cfg: ClientConfig, ep: Endpoint):
     name = cfg.server_name or ep.host
 
     def check(der: bytes, chain_error: tuple[int, int] | None) -> str:
-        fp = format_fingerprint(cert_fingerprint(der))
         if cfg.ca:
+            fp = format_fingerprint(cert_fingerprint(der))
             if chain_error is not None:
                 return (f"server certificate not trusted by --ca: {_verify_error(chain_error[0])} (depth "
                         f"{chain_error[1]}); it presented sha256 {fp}")
@@ -635,6 +641,7 @@ def _server_check(cfg: ClientConfig, ep: Endpoint):
                 return (f"server certificate is not valid for {name!r} (its names: {_names_of(der)}); "
                         "give --server-name NAME")
         if cfg.pins.digests and not cfg.pins.match(der):
+            fp = format_fingerprint(cert_fingerprint(der))
             return (f"server certificate does not match any --pin; it presented sha256 {fp} "
                     f"(spki {format_fingerprint(spki_fingerprint(der))}); if you expected this change, "
                     f"add --pin {fp}")
@@ -2136,7 +2143,7 @@ class _ClientSession(_Session):
                     raise PeerRejected("421 4.7.0 upstream certificate not trusted", tls.check.refusal) from None
                 raise SessionError(reply, f"TLS handshake failed: {e.reason}") from None
             self.facts.update(tls.facts())
-            self.facts["server_fp"] = format_fingerprint(cert_fingerprint(tls.peer_der()))
+            self.facts["server_fp"] = format_fingerprint(cert_fingerprint(tls.check.der))
             # TLS 1.3 finishes the client's handshake before the server has judged our certificate; a
             # refusal arrives as an alert (or a 554) afterwards. So hear the server speak inside TLS:
             # the greeting (implicit TLS, passed on to the local client) or the reply to a NOOP.
@@ -3460,6 +3467,11 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(_JsonFormatter() if args.log_format == "json" else
                          logging.Formatter("%(asctime)s certproxy %(levelname)s %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    # One line per session is the hot path of logging: skip what our lines never show (the caller's
+    # file and line, a stack walk; the process id, a system call; thread and task names).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False
     try:
         return args.func(args)
     except ConfigError as e:

@@ -1920,7 +1920,7 @@ class _Listener:
     def _max_per_ip(self) -> int:
         return 0
 
-    def _new_session(self, sock: socket.socket, peer: str) -> _Session:
+    def _new_session(self, sock: socket.socket, peer: str, addr: tuple) -> _Session:
         raise NotImplementedError
 
     def replace(self, new: _Listener) -> None:
@@ -1986,7 +1986,7 @@ class _Listener:
                            reason=why)
                 continue
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-            task = loop.create_task(self._run(self._new_session(sock, peer), sock, peer))
+            task = loop.create_task(self._run(self._new_session(sock, peer, addr), sock, peer))
             self.active.add(task)
             task.add_done_callback(lambda t, ip=ip: self._done(t, ip))
 
@@ -2214,7 +2214,7 @@ class ClientService(_Listener):
     def _certificate_files(self) -> list[tuple[str, str]]:
         return [("--cert", self.cfg.cert)] + ([("--ca", self.cfg.ca)] if self.cfg.ca else [])
 
-    def _new_session(self, sock: socket.socket, peer: str) -> _Session:
+    def _new_session(self, sock: socket.socket, peer: str, addr: tuple) -> _Session:
         return _ClientSession(self.settings, sock)
 
     async def start(self) -> None:
@@ -2306,10 +2306,16 @@ class _ServerSession(_Session):
 
     __slots__ = ("sock", "src", "dst", "mode", "gate", "route", "login", "tls")
 
-    def __init__(self, settings: _ServerSettings, sock: socket.socket, peer: str) -> None:
+    def __init__(self, settings: _ServerSettings, sock: socket.socket, peer: str, src: Address) -> None:
         super().__init__(settings)
         self.sock = sock
         self.facts["peer"] = peer
+        self.src = src  # the client, as the MTA is told it (a load balancer's PROXY header may say better)
+        try:
+            self.dst = _address(sock.getsockname())
+        except OSError:
+            listen = settings.cfg.listen
+            self.dst = (listen.host, listen.port)
         self.mode = settings.cfg.mode
         self.gate: SMTPGate | None = None  # the STARTTLS dialogue, if there was one
         self.route: Endpoint | None = None
@@ -2320,19 +2326,22 @@ class _ServerSession(_Session):
         cfg, host = self.settings.cfg, self.settings.hostname
         to = cfg.timeouts
         unavailable = "421 4.3.0 mail server unavailable, try again later"
-        return [("proxy", to.handshake, self.proxy, ""),
-                ("starttls", to.dialogue, self.starttls, f"421 4.4.2 {host} Error: timeout exceeded"),
+        phases = []  # only what this configuration needs: every phase costs a timer
+        if cfg.proxy_from or cfg.mode is TLSMode.EITHER:
+            phases.append(("front", to.handshake, self.front, ""))
+        if cfg.mode is not TLSMode.IMPLICIT:
+            phases.append(("starttls", to.dialogue, self.starttls, f"421 4.4.2 {host} Error: timeout exceeded"))
+        return phases + [
                 ("handshake", to.handshake, self.handshake, ""),
                 ("authorise", to.dialogue, self.authorise, ""),
                 ("backend", to.connect, self.backend, unavailable),
                 ("backend-dialogue", to.dialogue, self.backend_dialogue, unavailable),
                 ("splice", None, self.run_splice, "")]
 
-    async def proxy(self) -> None:
+    async def front(self) -> None:
         """Who the client really is (a PROXY header from --proxy-from), and on a dual port which TLS."""
         cfg = self.settings.cfg
         sock = self.sock
-        self.src, self.dst = _address(sock.getpeername()), _address(sock.getsockname())
         if cfg.proxy_from and any(ipaddress.ip_address(self.src[0]) in net for net in cfg.proxy_from):
             told_src, told_dst = await _accept_proxy_header(sock)
             if told_src is not None:
@@ -2343,14 +2352,12 @@ class _ServerSession(_Session):
             self.mode = await _sniff(sock)
             if self.mode is None:
                 self.finish("closed", "client left before saying anything")
-                return
-        self.facts["tls"] = "implicit" if self.mode is TLSMode.IMPLICIT else "none"  # "starttls" once it has
-        if self.mode is TLSMode.STARTTLS:
-            self.client = await _adopt(sock)
 
     async def starttls(self) -> None:
         if self.mode is not TLSMode.STARTTLS:
             return
+        self.facts["tls"] = "none"  # "starttls" once it has
+        self.client = await _adopt(self.sock)
         cfg = self.settings.cfg
         gate = self.gate = SMTPGate(self.settings.hostname, optional=cfg.starttls_optional)
         self.client.write(gate.greeting())
@@ -2367,6 +2374,8 @@ class _ServerSession(_Session):
         if self.gate is not None and self.gate.state is _GateState.HANDOVER:
             return
         self.tls = tls = _TLS(self.settings.ctx, server=True)
+        if self.gate is None:
+            self.facts["tls"] = "implicit"
         try:
             if self.client is None:  # implicit TLS: from the first byte
                 self.client = await _adopt(self.sock, tls)
@@ -2377,7 +2386,8 @@ class _ServerSession(_Session):
             if self.client.tls_error:
                 raise PeerRejected("", f"TLS handshake failed: {e.reason}") from None
             raise SessionError("", f"client closed the connection during the TLS handshake ({e.reason})") from None
-        self.facts["tls"] = "implicit" if self.gate is None else "starttls"
+        if self.gate is not None:
+            self.facts["tls"] = "starttls"
         self.facts.update(tls.facts())
 
     async def authorise(self) -> None:
@@ -2529,8 +2539,8 @@ class ServerService(_Listener):
         files = [("--cert", self.cfg.cert)] + [("--allow", f) for f in _allow_files(self.cfg.allow)]
         return files + ([("--client-ca", self.cfg.client_ca)] if self.cfg.client_ca else [])
 
-    def _new_session(self, sock: socket.socket, peer: str) -> _Session:
-        return _ServerSession(self.settings, sock, peer)
+    def _new_session(self, sock: socket.socket, peer: str, addr: tuple) -> _Session:
+        return _ServerSession(self.settings, sock, peer, _address(addr))
 
     async def start(self) -> None:
         await self._listen()

@@ -430,8 +430,9 @@ async def _open_idle(port: int, k: int, on_open, concurrency: int = 100) -> tupl
 
 METRICS = [
     # key, label, unit, higher is better, target ratio (certproxy/stunnel) or absolute, kind
-    ("tls_sps", "implicit TLS sessions/s", "1/s", True, ("ratio>=", 1.6)),
-    ("tls_cpu_ms", "CPU per session, implicit (both ends)", "ms", False, ("ratio<=", 0.6)),
+    # Targets of the TLS-engine issue (#12), full tunnel against the stunnel pair in the same run.
+    ("tls_sps", "implicit TLS sessions/s", "1/s", True, ("ratio>=", 1.8)),
+    ("tls_cpu_ms", "CPU per session, implicit (both ends)", "ms", False, ("ratio<=", 0.55)),
     ("tls_cpu_client_ms", "  of which client end", "ms", False, None),
     ("tls_cpu_server_ms", "  of which server end", "ms", False, None),
     ("tls_cpu_sys_ms", "  of which in the kernel (stime), both ends", "ms", False, None),
@@ -439,14 +440,17 @@ METRICS = [
     ("tls_busy_pct", "  context: machine CPU busy during the run", "%", False, None),
     ("bulk_mbs", "bulk MB/s (implicit TLS)", "MB/s", True, ("ratio>=", 0.95)),
     ("bulk_cpu_ms_mb", "CPU per MB, bulk (both ends)", "ms", False, None),
-    ("starttls_sps", "STARTTLS sessions/s", "1/s", True, ("ratio>=", 10.0)),
+    # stunnel's SMTP server waits 200 ms per connection, so a ratio against it says nothing: certproxy's
+    # STARTTLS rate is judged against its own implicit-TLS rate in the same round.
+    ("starttls_sps", "STARTTLS sessions/s", "1/s", True, None),
+    ("starttls_own", "STARTTLS / implicit-TLS sessions/s, each against itself", "", True, ("abs>=", 0.9)),
     ("starttls_cpu_ms", "CPU per session, STARTTLS (both ends)", "ms", False, None),
     ("lat_p50_ms", "latency 1 message, p50 (implicit)", "ms", False, None),
     ("lat_p99_ms", "latency 1 message, p99 (implicit)", "ms", False, None),
     ("idle_rss_client_mb", "RSS at start, client end", "MB", False, None),
     ("idle_rss_server_mb", "RSS at start, server end", "MB", False, None),
-    ("idle_kb_client", "KB per idle tunnel, client end", "KB", False, ("abs<=", 40)),
-    ("idle_kb_server", "KB per idle tunnel, server end", "KB", False, ("abs<=", 40)),
+    ("idle_kb_client", "KB per idle tunnel, client end", "KB", False, ("abs<=", 32)),
+    ("idle_kb_server", "KB per idle tunnel, server end", "KB", False, ("abs<=", 32)),
     # With K idle tunnels the peak is start-up RSS + K x KB per tunnel: informative, not a target.
     ("peak_rss_client_mb", "peak RSS (VmHWM) with the idle tunnels, client end", "MB", False, None),
     ("peak_rss_server_mb", "peak RSS (VmHWM) with the idle tunnels, server end", "MB", False, None),
@@ -608,6 +612,8 @@ def run(args: argparse.Namespace, workdir: Path, procs: Procs) -> dict:
             f"{role} cp {rounds['idle_kb_' + role]['certproxy'][-1]:.1f} st {rounds['idle_kb_' + role]['stunnel'][-1]:.1f}"
             for role in ("client", "server")))
 
+    for kind in ("certproxy", "stunnel"):
+        rounds["starttls_own"][kind] = [s / t for s, t in zip(rounds["starttls_sps"][kind], rounds["tls_sps"][kind]) if t]
     results = summarize(rounds)
     print_table(results)
     for kind, errs in idle_errors.items():

@@ -78,7 +78,6 @@ HANDSHAKE_TIMEOUT_S = 30.0  # TLS handshake
 IDLE_TIMEOUT_S = 600.0  # RFC 5321 4.5.3.2.7: server timeout for the DATA termination is 10 minutes
 CLOSE_LINGER_S = 30.0  # after a half-close that TLS cannot forward, wait this long for the other side
 SERVER_GONE_REPLY = b"421 4.4.2 certproxy: the mail server closed the connection; anything unconfirmed was not accepted\r\n"
-TLS_SHUTDOWN_TIMEOUT_S = 2.0  # our close_notify is sent; some peers (Exim 4.96) never answer theirs
 GOODBYE_LINGER_S = 2.0  # after our last reply, read and discard this long so a reset cannot eat the reply
 MAX_CONNECTIONS = 100  # concurrent sessions per client listener
 MAX_SERVER_CONNECTIONS = 1000  # concurrent sessions per server listener
@@ -409,9 +408,17 @@ _VERIFY_ERRORS = {
     13: "the certificate's notBefore is malformed", 14: "the certificate's notAfter is malformed",
     18: "self-signed certificate", 19: "self-signed certificate in the chain",
     20: "unable to get the local issuer certificate", 21: "unable to verify the first certificate",
-    24: "invalid CA certificate", 25: "path length constraint exceeded",
-    26: "unsupported certificate purpose", 62: "hostname mismatch",
+    23: "the certificate has been revoked", 24: "invalid CA certificate", 25: "path length constraint exceeded",
+    26: "unsupported certificate purpose", 27: "the certificate is not trusted", 28: "the certificate is rejected",
+    32: "the issuer's key usage does not allow signing certificates",
+    47: "permitted subtree violation (name constraints)", 48: "excluded subtree violation (name constraints)",
+    62: "hostname mismatch",
 }
+
+
+# OpenSSL's words when a handshake fails because of what we allow (not because the peer spoke nonsense).
+_POLICY_REFUSALS = ("unsupported protocol", "protocol version", "no shared cipher", "no suitable",
+                    "inappropriate fallback", "renegotiation", "certificate")
 
 
 def _verify_error(errno: int) -> str:
@@ -427,28 +434,57 @@ def _tls_reason(e: Exception) -> str:
     return "; ".join(dict.fromkeys(reasons)) or str(e) or type(e).__name__
 
 
+try:  # OpenSSL's per-thread error queue; see _PeerCheck.on_verify
+    from OpenSSL._util import lib as _ossl
+
+    _clear_openssl_errors = _ossl.ERR_clear_error
+except (ImportError, AttributeError):  # pragma: no cover - then an overridden failure fails closed
+    def _clear_openssl_errors() -> None:
+        pass
+
+
 class _PeerCheck:
     """What the verify callback learned about one connection's peer. On a server it only records
-    OpenSSL's first complaint about the chain; on a client ``leaf`` (the pin, or the CA and name
-    check) decides at depth 0 and its reason is kept for the log."""
+    OpenSSL's first complaint about the chain and says yes. On a client ``leaf`` (the pin, or the CA
+    and name check) decides at depth 0, and with ``strict`` (--ca) any complaint of OpenSSL's at any
+    depth refuses too (some, such as name constraints, come after the depth-0 call); the reason is
+    kept for the log."""
 
-    __slots__ = ("error", "leaf", "refusal", "der")
+    __slots__ = ("error", "leaf", "strict", "refusal", "der")
 
-    def __init__(self, leaf=None) -> None:
+    def __init__(self, leaf=None, strict: bool = False) -> None:
         self.error: tuple[int, int] | None = None  # (X509_V_ERR number, depth) of the first complaint
         self.leaf = leaf  # client only: callable(der, chain_error) -> "" (fine) or why not
+        self.strict = strict
         self.refusal = ""
         self.der = b""  # client only: the server's leaf certificate, as judged
 
     def on_verify(self, cert, errno: int, depth: int, ok: int) -> bool:
-        if not ok and self.error is None:
-            self.error = (errno, depth)
-        if self.leaf is None or depth:
-            return True
-        if not self.der:
-            self.der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
-        self.refusal = self.leaf(self.der, self.error)
-        return not self.refusal
+        try:
+            return self._verdict(cert, errno, depth, ok)
+        except Exception as e:  # a certificate OpenSSL parsed and cryptography cannot: never a yes
+            self.refusal = f"cannot check the peer's certificate ({type(e).__name__}: {e})"
+            return False
+
+    def _verdict(self, cert, errno: int, depth: int, ok: int) -> bool:
+        if not ok:
+            if self.error is None:
+                self.error = (errno, depth)
+            if self.strict:
+                self.refusal = f"server certificate not trusted by --ca: {_verify_error(errno)} (depth {depth})"
+                return False
+        if self.leaf is not None and not depth:
+            if not self.der:
+                self.der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+            self.refusal = self.leaf(self.der, self.error)
+            if self.refusal:
+                return False
+        if not ok:
+            # We say yes to a complaint (the policy judges later): a signature failure also left an
+            # entry on OpenSSL's error queue, which would turn the handshake's next WANT_READ into a
+            # fatal error. The verdict itself is kept in ``error``.
+            _clear_openssl_errors()
+        return True
 
 
 def _on_verify(conn, cert, errno: int, depth: int, ok: int) -> bool:
@@ -462,9 +498,10 @@ class _TLS:
 
     __slots__ = ("conn", "check", "up", "closed")
 
-    def __init__(self, ctx: SSL.Context, *, server: bool, sni: str | None = None, leaf=None) -> None:
+    def __init__(self, ctx: SSL.Context, *, server: bool, sni: str | None = None, leaf=None,
+                 strict: bool = False) -> None:
         conn = SSL.Connection(ctx, None)
-        self.check = _PeerCheck(leaf)
+        self.check = _PeerCheck(leaf, strict)
         conn.set_app_data(self.check)
         if server:
             conn.set_accept_state()
@@ -757,13 +794,18 @@ class ClientPolicy:
         every session cost about 5% of the server's CPU. Bounded: emptied when full."""
         chain: list[bytes] = []
         error = None
-        key = cert_fingerprint(der)
-        if self.ca_fingerprints and key not in self.allowed and tls is not None:
+        key = fp = cert_fingerprint(der)
+        if self.ca_fingerprints and fp not in self.allowed and tls is not None:
             chain, error = tls.verified_chain(), tls.check.error
-            key = hashlib.sha256(b"".join(chain) + repr(error).encode()).digest()
+            key = fp + hashlib.sha256(b"".join(chain) + repr(error).encode()).digest()
         verdict = self._verdicts.get(key)
         if verdict is None or time.time() >= verdict.until:
-            verdict = self._judge(der, chain, error)
+            try:
+                verdict = self._judge(der, chain, error)
+            except ValueError as e:  # OpenSSL took it, cryptography cannot parse it: never a yes
+                text = format_fingerprint(fp)
+                verdict = Verdict(text, "?", "?", "?", allowed=False, why=f"certificate cannot be parsed ({e})",
+                                  reply="554 5.7.1 certificate not authorised", name="", until=float("inf"))
             if len(self._verdicts) >= MAX_VERDICTS:
                 self._verdicts.clear()
             self._verdicts[key] = verdict
@@ -844,7 +886,6 @@ def server_context(cfg: ServerConfig) -> tuple[SSL.Context, ClientPolicy]:
     policy applied after every handshake."""
     ctx = _tls_context(server=True)
     _load_identity(ctx, cfg.cert, cfg.key)
-    ctx.set_session_id(b"certproxy")
     allowed = set()
     for path in _allow_files(cfg.allow):
         try:
@@ -1417,6 +1458,9 @@ class _Pump(asyncio.Protocol):
             except SSL.Error as e:
                 self._tls_failed(_tls_reason(e))
                 return
+            except Exception as e:  # pyOpenSSL re-raises what a callback raised: still a failed handshake
+                self._tls_failed(f"{type(e).__name__}: {e}")
+                return
             out = tls.outgoing()
             if out:
                 self.transport.write(out)
@@ -1537,15 +1581,18 @@ class _Pump(asyncio.Protocol):
     # -- our side ---------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.tls is not None:
-            data = self.tls.send(data)
+        tls = self.tls
+        if tls is not None:
+            if not tls.up:
+                return  # nothing of ours goes out before the handshake is done, and never in clear
+            data = tls.send(data)
         elif self.tls_error:
             return  # TLS broke: nothing may go out in clear now
         self.transport.write(data)
 
     def can_write_eof(self) -> bool:
         """A half-close we can pass on as it is: plain TCP (TLS has no half-close of its own here)."""
-        return self.tls is None and self.transport.can_write_eof()
+        return self.tls is None and not self.tls_error and self.transport.can_write_eof()
 
     def write_eof(self) -> None:
         """No more from us: close_notify first under TLS, then the TCP half-close."""
@@ -1862,6 +1909,14 @@ async def _dial(ep: Endpoint, tls: _TLS | None = None) -> _Pump:
     return pump
 
 
+def _address(sockaddr: tuple) -> Address:
+    return sockaddr[0], sockaddr[1]
+
+
+def _show(addr: Address) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
 def _listening_socket(ep: Endpoint, *, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
     return socket.create_server((ep.host, ep.port), family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
@@ -1966,7 +2021,7 @@ class _Listener:
                 continue
             sock.setblocking(False)
             ip = addr[0]
-            peer = f"[{ip}]:{addr[1]}" if ":" in ip else f"{ip}:{addr[1]}"
+            peer = _show(addr)
             max_connections, max_per_ip = self.cfg.max_connections, self._max_per_ip()
             if len(self.active) >= max_connections:
                 why = f"connection limit ({max_connections}) reached; raise --max-connections if this is normal load"
@@ -2124,7 +2179,8 @@ class _ClientSession(_Session):
         self.facts["tls"] = "implicit" if up.mode is TLSMode.IMPLICIT else "starttls"
         pump = None
         implicit = up.mode is TLSMode.IMPLICIT
-        tls = _TLS(self.settings.ctx, server=False, sni=cfg.server_name or ep.host, leaf=_server_check(cfg, ep))
+        tls = _TLS(self.settings.ctx, server=False, sni=cfg.server_name or ep.host, leaf=_server_check(cfg, ep),
+                   strict=bool(cfg.ca))
         phase, reply = "connect", "421 4.4.1 upstream unreachable"
         try:
             async with asyncio.timeout(to.connect):
@@ -2142,6 +2198,10 @@ class _ClientSession(_Session):
                 if tls.check.refusal:
                     raise PeerRejected("421 4.7.0 upstream certificate not trusted", tls.check.refusal) from None
                 raise SessionError(reply, f"TLS handshake failed: {e.reason}") from None
+            if tls.check.strict and tls.check.error is not None:  # belt and braces: nothing crosses now
+                errno, depth = tls.check.error
+                raise PeerRejected("421 4.7.0 upstream certificate not trusted",
+                                   f"server certificate not trusted by --ca: {_verify_error(errno)} (depth {depth})")
             self.facts.update(tls.facts())
             self.facts["server_fp"] = format_fingerprint(cert_fingerprint(tls.check.der))
             # TLS 1.3 finishes the client's handshake before the server has judged our certificate; a
@@ -2226,14 +2286,6 @@ class ClientService(_Listener):
 
 # endregion
 # region Server mode ------------------------------------------------------------------------------
-
-
-def _address(sockaddr: tuple) -> Address:
-    return sockaddr[0], sockaddr[1]
-
-
-def _show(addr: Address) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 async def _peek(sock: socket.socket, n: int) -> bytes:
@@ -2383,8 +2435,10 @@ class _ServerSession(_Session):
                 self.client.start_tls(tls)
             await self.client.handshake
         except SessionError as e:
-            if self.client.tls_error:
-                raise PeerRejected("", f"TLS handshake failed: {e.reason}") from None
+            if self.client.tls_error:  # refused by our TLS policy (old protocol, no shared cipher), or garbage
+                refused = any(w in e.reason for w in _POLICY_REFUSALS)
+                raise SessionError("", f"TLS handshake failed: {e.reason}",
+                                   outcome="refused" if refused else "failed") from None
             raise SessionError("", f"client closed the connection during the TLS handshake ({e.reason})") from None
         if self.gate is not None:
             self.facts["tls"] = "starttls"

@@ -72,10 +72,43 @@ def _expired_certificate(name: str) -> tuple[bytes, bytes]:
                               serialization.NoEncryption()))
 
 
+class ChainPair(CertPair):
+    """A certificate file that holds the leaf and, behind it, the chain the client sends."""
+
+    @property
+    def der(self) -> bytes:
+        return certproxy._pem_to_der(str(self.cert))[0]
+
+
+def _leaf_without_key_ids(name: str, issuer) -> tuple[bytes, bytes]:
+    """A client certificate signed by ``issuer`` = (cert, key) with no authority key identifier: OpenSSL
+    then finds its issuer by name alone, takes the configured CA of that name, and its signature check
+    fails inside the handshake (leaving an error on OpenSSL's queue). With the identifier (what
+    make_certificate writes) the look-alike is simply an unknown issuer."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer[0].subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(issuer[1], hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
 @dataclass
 class JudgeCerts:
     good_ca: Path  # "CN=Team CA", the --client-ca
     mallory_evil: CertPair  # CN=mallory, issued by another "CN=Team CA" with another key
+    mallory_evil_chain: CertPair  # the same, sending the look-alike CA certificate along
+    mallory_evil_by_name: CertPair  # issued by the look-alike, no key identifier: OpenSSL's signature check fails
     mallory_good: CertPair  # CN=mallory, really issued by the --client-ca
     expired: CertPair  # CN=expired-laptop, self-signed, expired two days ago
     expired_on: str  # its notAfter date, YYYY-MM-DD
@@ -95,9 +128,13 @@ def jc(tmp_path_factory) -> JudgeCerts:
     good, evil = cas
     assert good[0].subject == evil[0].subject and good[0].public_key() != evil[0].public_key()
     expired = _save(d, "expired-laptop", *_expired_certificate("expired-laptop"))
+    evil_leaf, evil_key = certproxy.make_certificate("mallory", usage="client", issuer=evil)
+    chain = _save(d, "mallory-evil-chain", evil_leaf + (d / "evil-ca.pem").read_bytes(), evil_key)
     return JudgeCerts(
         good_ca=d / "good-ca.pem",
-        mallory_evil=_save(d, "mallory-evil", *certproxy.make_certificate("mallory", usage="client", issuer=evil)),
+        mallory_evil=_save(d, "mallory-evil", evil_leaf, evil_key),
+        mallory_evil_chain=ChainPair(chain.cert, chain.key),
+        mallory_evil_by_name=_save(d, "mallory-evil-by-name", *_leaf_without_key_ids("mallory", evil)),
         mallory_good=_save(d, "mallory-good", *certproxy.make_certificate("mallory", usage="client", issuer=good)),
         expired=expired,
         expired_on=f"{x509.load_pem_x509_certificate(expired.cert.read_bytes()).not_valid_after_utc:%Y-%m-%d}",
@@ -119,8 +156,10 @@ class Case:
 def case(name: str, certs, jc: JudgeCerts) -> Case:
     if name == "unknown":
         return Case(certs.other_client, {}, NOT_AUTHORISED, "CN=stranger", "CN=stranger")
-    if name == "lookalike":
-        return Case(jc.mallory_evil, {"allow": [], "client_ca": str(jc.good_ca)}, NOT_AUTHORISED,
+    lookalikes = {"lookalike": jc.mallory_evil, "lookalike-chain": jc.mallory_evil_chain,
+                  "lookalike-by-name": jc.mallory_evil_by_name}
+    if name in lookalikes:
+        return Case(lookalikes[name], {"allow": [], "client_ca": str(jc.good_ca)}, NOT_AUTHORISED,
                     "CN=mallory", "CN=Team CA")
     if name == "expired":
         return Case(jc.expired, {"allow": [jc.expired.cert]},
@@ -174,8 +213,11 @@ class TestUnknownCertificates:
 
 class TestLookAlikeCA:
     @MODES
-    async def test_same_ca_name_other_key_is_refused(self, certs, jc, server_service, sink, caplog, mode):
-        await assert_refused(certs, server_service, sink, caplog, mode, case("lookalike", certs, jc))
+    @pytest.mark.parametrize("name", ["lookalike", "lookalike-chain", "lookalike-by-name"])
+    async def test_same_ca_name_other_key_is_refused(self, certs, jc, server_service, sink, caplog, mode, name):
+        """With the look-alike CA sent along, OpenSSL's signature check fails inside the handshake (and
+        leaves an error behind on its queue): still a completed handshake and a 554 with the facts."""
+        await assert_refused(certs, server_service, sink, caplog, mode, case(name, certs, jc))
 
     @MODES
     async def test_leaf_of_the_real_ca_is_allowed(self, certs, jc, server_service, sink, mode):
@@ -194,7 +236,7 @@ class TestExpired:
 
 class TestOptionalRouting:
     @MODES
-    @pytest.mark.parametrize("name", ["unknown", "lookalike", "expired"])
+    @pytest.mark.parametrize("name", ["unknown", "lookalike", "lookalike-chain", "lookalike-by-name", "expired"])
     async def test_stranger_lands_on_untrusted_backend(self, certs, jc, server_service, sink, caplog, mode, name):
         # _SinkMTA answers XCLIENT with 250, not the 220 certproxy waits for: tell it by PROXY v1 instead.
         caplog.set_level(logging.INFO, "certproxy")
@@ -370,3 +412,116 @@ class TestClientNeverShowsCertificate:
         writer.close()
         assert await upstream.handshake() == "ok"
         assert certs.client.fp in upstream.seen
+
+
+class TestPolicyItself:
+    def test_signature_is_checked_again_in_python(self, jc):
+        """Even if OpenSSL had found nothing wrong (error None), a chain whose leaf the CA did not sign
+        is refused by ClientPolicy's own check: OpenSSL's verdict is one input, never the only gate."""
+        from cryptography import x509
+
+        good_ca_der = certproxy._pem_to_der(str(jc.good_ca))[0]
+        policy = certproxy.ClientPolicy(frozenset(), frozenset({certproxy.cert_fingerprint(good_ca_der)}),
+                                        certproxy.Pins(frozenset()))
+        evil_leaf = certproxy._pem_to_der(str(jc.mallory_evil_by_name.cert))[0]
+        good_leaf = certproxy._pem_to_der(str(jc.mallory_good.cert))[0]
+        verdict = policy._judge(evil_leaf, [evil_leaf, good_ca_der], None)
+        assert not verdict.allowed and "does not verify" in verdict.why, verdict
+        assert policy._judge(good_leaf, [good_leaf, good_ca_der], None).allowed
+        # A chain that ends anywhere but at a --client-ca certificate, or is the CA itself, is no CA path.
+        assert not policy._judge(good_leaf, [good_leaf], None).allowed
+        assert not policy._judge(good_ca_der, [good_ca_der], None).allowed
+        assert x509.load_der_x509_certificate(evil_leaf).issuer == x509.load_der_x509_certificate(good_ca_der).subject
+
+
+def _ca_chain(d: Path, *, permitted: str, intermediate_san: str) -> tuple[Path, Path, Path]:
+    """A root constrained to ``permitted`` (name constraints), an intermediate whose own name is
+    ``intermediate_san``, and a server leaf mail.example.com. Returns (root.pem, chain.pem, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def make(cn, issuer, *, ca, sans=(), constraint=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer[0].subject if issuer else name)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+        else:
+            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]), critical=False)
+        if constraint:
+            b = b.add_extension(x509.NameConstraints([x509.DNSName(constraint)], None), critical=True)
+        return b.sign(issuer[1] if issuer else key, hashes.SHA256()), key
+
+    root = make("NC Root", None, ca=True, constraint=permitted)
+    inter = make("Int", root, ca=True, sans=(intermediate_san,))
+    leaf = make("leaf", inter, ca=False, sans=("mail.example.com",))
+    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)  # noqa: E731
+    (d / "root.pem").write_bytes(pem(root[0]))
+    (d / "chain.pem").write_bytes(pem(leaf[0]) + pem(inter[0]))
+    (d / "leaf.key").write_bytes(leaf[1].private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return d / "root.pem", d / "chain.pem", d / "leaf.key"
+
+
+class TestClientWithCA:
+    @pytest.mark.parametrize("intermediate_san, trusted", [("relay.example.com", True), ("evil.org", False)])
+    async def test_every_openssl_complaint_refuses(self, tmp_path, client_service, scripted_upstream, caplog,
+                                                   intermediate_san, trusted):
+        """With --ca the client refuses any chain OpenSSL finds fault with, at any depth: here an
+        intermediate outside its root's name constraints, which OpenSSL reports only after it has
+        checked the leaf. Nothing then reaches the upstream; the control chain passes."""
+        caplog.set_level(logging.INFO, "certproxy")
+        root, chain, key = _ca_chain(tmp_path, permitted="example.com", intermediate_san=intermediate_san)
+
+        async def script(reader, writer, received):
+            writer.write(b"220 upstream ESMTP\r\n")
+            while line := await reader.readline():
+                received.extend(line)
+                writer.write(b"250 ok\r\n")
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(chain, key)
+        up = await scripted_upstream(script, ssl=ctx)
+        cli = await client_service(up.endpoint, mode="tls", pins=[], ca=str(root), server_name="mail.example.com")
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        first = await read_reply(reader)
+        if trusted:
+            assert first == b"220 upstream ESMTP\r\n"
+            writer.write(b"EHLO me\r\n")
+            assert await read_reply(reader) == b"250 ok\r\n"
+            assert bytes(up.received) == b"EHLO me\r\n"
+        else:
+            assert first == b"421 4.7.0 upstream certificate not trusted\r\n"
+            writer.close()
+            line = await session_line(caplog)
+            assert "permitted subtree violation" in line and "depth 1" in line and "outcome=refused" in line, line
+            assert up.received == b""
+        writer.close()
+
+    async def test_a_failing_check_is_a_refusal_not_a_crash(self, certs, client_service, aiosmtpd_upstream,
+                                                              caplog, monkeypatch):
+        """If checking the server's certificate raises (a certificate OpenSSL parses and cryptography
+        cannot), the handshake fails closed, with an alert, a 421 and the reason in the log."""
+        caplog.set_level(logging.INFO, "certproxy")
+        up = aiosmtpd_upstream("tls")
+
+        def broken(der: bytes) -> bytes:
+            raise ValueError("unparsable")
+
+        monkeypatch.setattr(certproxy, "spki_fingerprint", broken)  # reached for a pin that does not match
+        cli = await client_service(up.endpoint, mode="tls", pins=[certs.other_server.fp])
+        reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+        assert await read_reply(reader) == b"421 4.7.0 upstream certificate not trusted\r\n"
+        writer.close()
+        line = await session_line(caplog)
+        assert "cannot check the peer's certificate (ValueError: unparsable)" in line, line
+        assert up.recorder.messages == []

@@ -8,7 +8,6 @@ import asyncio
 import ipaddress
 import logging
 import socket
-import ssl
 
 import pytest
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime
 import enum
 import gc
@@ -1255,15 +1256,18 @@ class HideExtensions:
     through as it is. It also remembers the last complete reply code, so that when the MTA hangs up
     the splice can ask what the client is owed (``farewell``)."""
 
-    __slots__ = ("_buf", "done", "_lines", "hidden", "last_code")
+    __slots__ = ("_buf", "done", "_lines", "hidden", "last_code", "on_reply")
     HIDDEN = frozenset((b"STARTTLS", b"XCLIENT", b"XFORWARD"))
+    hold = False  # see CommandWatch: this observer never asks the pump to stop reading
+    stop = None
 
-    def __init__(self, hidden: frozenset[bytes] = HIDDEN) -> None:
+    def __init__(self, hidden: frozenset[bytes] = HIDDEN, on_reply=None) -> None:
         self._buf = bytearray()
         self._lines: list[bytes] = []
         self.done = False
         self.hidden = hidden
         self.last_code = 0  # of the last complete reply passed on; 0: none yet
+        self.on_reply = on_reply  # called with (code, lines) for every complete reply
 
     @property
     def between_replies(self) -> bool:
@@ -1296,9 +1300,11 @@ class HideExtensions:
             del self._buf[: end + 1]
             self._lines.append(line)
             if line[3:4] != b"-":  # the reply is complete
-                out += self._strip(self._lines)
+                lines, self._lines = self._lines, []
+                out += self._strip(lines)
                 self.last_code = int(line[:3]) if line[:3].isdigit() else -1
-                self._lines = []
+                if self.on_reply is not None:
+                    self.on_reply(self.last_code, lines)
 
     def _strip(self, lines: list[bytes]) -> list[bytes]:
         if len(lines) < 2 or not lines[0].startswith(b"250") or not self.hidden:
@@ -1308,6 +1314,139 @@ class HideExtensions:
         if len(kept) < len(lines) and kept[-1][3:4] == b"-":
             kept[-1] = kept[-1][:3] + b" " + kept[-1][4:]
         return kept
+
+
+# A line holding only "." inside message content, ended by CR or LF: the end of the content for some
+# MTA (CRLF.CRLF for all, bare LF or CR for some: the SMTP-smuggling variants).
+_CONTENT_END = re.compile(rb"[\r\n]\.[\r\n]")
+
+
+class CommandWatch:
+    """Watches what a client inside the tunnel sends its MTA, so that the commands certproxy hides
+    from it (XCLIENT, XFORWARD: the MTA trusts certproxy's address with them) never get through, while
+    message content is never inspected. Sans-IO: ``feed`` takes the client's bytes and returns what may
+    go on to the MTA; ``reply`` is told of each of the MTA's replies (in order: SMTP answers every line
+    a client sends with one reply, pipelined or not) and returns what it releases.
+
+    The content of a message is recognised only once the MTA has said so: after ``DATA`` the client's
+    bytes are held (and its reading paused, ``hold``) until the MTA's reply to DATA; only a 354 starts
+    the content, which then ends at the earliest line "." any MTA could take for its end (bare CR or LF
+    included: SMTP smuggling). A BDAT chunk is skipped by its length only if the MTA offered CHUNKING.
+    Whatever is not surely content is read as commands: a mistake can only refuse a client, never pass
+    a hidden command. One found sets ``stop`` = (reply, reason) and nothing from it on goes through."""
+
+    __slots__ = ("_buf", "_mode", "_left", "_pending", "_chunking", "_line_start", "hold", "stop")
+    HIDDEN = frozenset((b"XCLIENT", b"XFORWARD"))
+    done = False
+    _BLANKS = b" \t\r\v\f"  # what Postfix's smtpd_token() skips before a verb and ends it with
+    MAX_LINE = 4096  # a command line longer than this is none a real MTA takes whole (Postfix: 2048)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._mode = "command"  # command | wait (DATA sent, its reply not yet seen) | content | chunk
+        self._left = 0  # bytes of a BDAT chunk still to pass
+        self._pending: collections.deque[bytes] = collections.deque()  # verbs whose reply is outstanding
+        self._chunking = False
+        self._line_start = True  # in content: the next byte begins a line
+        self.hold = False
+        self.stop: tuple[bytes, str] | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        if self.stop is not None:
+            return b""
+        self._buf += data
+        out = bytearray()
+        while self._buf and self.stop is None and self._mode != "wait":
+            if self._mode == "chunk":
+                n = min(self._left, len(self._buf))
+                piece = bytes(self._buf[:n])
+                del self._buf[:n]
+                self._left -= n
+                if not self._left:
+                    self._mode = "command"
+            elif self._mode == "content":
+                piece = self._content()
+            else:
+                piece = self._command_line()
+            if piece is None:
+                break  # more input needed
+            out += piece
+        self.hold = self._mode == "wait"
+        return bytes(out)
+
+    def _content(self) -> bytes | None:
+        """Message content up to and including its end, or what surely is not the start of an end."""
+        buf = self._buf
+        if self._line_start:  # the first byte of the content: a "." here may end it already
+            if buf[:1] == b".":
+                if len(buf) < 2 or (buf[1:2] == b"\r" and len(buf) < 3):
+                    return None
+                if buf[1:2] in (b"\r", b"\n"):
+                    return self._end_of_content(0)
+            self._line_start = False
+        m = _CONTENT_END.search(buf)
+        if m is not None:
+            if buf[m.end() - 1] == 0x0D and m.end() >= len(buf):  # CR: does an LF follow? not here yet
+                piece = bytes(buf[: m.start()])
+                del buf[: m.start()]
+                return piece or None
+            return self._end_of_content(m.start() + 1)
+        keep = 1 if buf[-1:] in (b"\r", b"\n") else 2 if buf[-1:] == b"." and buf[-2:-1] in (b"\r", b"\n") else 0
+        n = len(buf) - keep
+        piece = bytes(buf[:n])
+        del buf[:n]
+        return piece or None
+
+    def _end_of_content(self, dot: int) -> bytes:
+        buf, t = self._buf, dot + 1
+        end = t + 2 if buf[t: t + 2] == b"\r\n" else t + 1
+        piece = bytes(buf[:end])
+        del buf[:end]
+        self._mode = "command"
+        self._pending.append(b".")  # the MTA's verdict on the message
+        return piece
+
+    def _command_line(self) -> bytes | None:
+        end = self._buf.find(b"\n")
+        if end < 0:
+            if len(self._buf) > self.MAX_LINE:
+                self.stop = (b"500 5.5.2 line too long\r\n", "client sent a command line over 4096 octets")
+            return None
+        line = bytes(self._buf[: end + 1])
+        words = line.lstrip(self._BLANKS).split(None, 2)
+        verb = words[0].upper() if words else b""
+        if verb in self.HIDDEN:
+            self.stop = (b"421 4.7.0 " + verb + b" is not for clients; closing\r\n",
+                         f"client sent {verb.decode('latin-1')} inside the tunnel: not passed to the MTA, session ended")
+            return None
+        del self._buf[: end + 1]
+        self._pending.append(verb)
+        if verb == b"DATA":
+            self._mode = "wait"
+        elif verb == b"BDAT" and self._chunking and len(words) > 1 and words[1].isdigit() and len(words[1]) < 12 \
+                and (len(words) == 2 or words[2].strip().upper() == b"LAST"):
+            self._left = int(words[1])
+            self._mode = "chunk" if self._left else "command"
+        return line
+
+    def reply(self, code: int, lines: list[bytes]) -> bytes:
+        """The MTA's next reply: the one owed to the oldest outstanding line. Returns what it releases."""
+        if not self._pending or self.stop is not None:
+            return b""  # unsolicited (a 421 before closing): nothing to learn
+        verb = self._pending.popleft()
+        if code == 354:
+            if verb != b"DATA" or self._mode != "wait" or self._pending:
+                self.stop = (b"421 4.7.0 protocol out of step; closing\r\n",
+                             "the MTA started message content where certproxy saw no DATA waiting; session ended")
+                return b""
+            self._mode, self._line_start = "content", True  # its end is owed one more reply: see "."
+        elif verb == b"DATA" and self._mode == "wait":
+            self._mode = "command"  # refused: what the client sent behind it is commands
+        elif verb == b"EHLO" and code == 250:
+            self._chunking = any(ln[4:].split(None, 1)[:1] == [b"CHUNKING"] for ln in lines[1:])
+        if self._mode == "wait":
+            return b""
+        return self.feed(b"")
 
 
 Address = tuple[str, int]  # (ip, port) of one end of a TCP connection
@@ -1477,10 +1616,21 @@ class _Pump(asyncio.Protocol):
 
     def _deliver(self, data: bytes) -> None:
         self.nbytes += len(data)
-        if self.filter is not None:
-            data = self.filter.feed(data)
-            if self.filter.done:
+        self._pass(data)
+
+    def _pass(self, data: bytes) -> None:
+        """Through the observer (``filter``), then to the peer, or held until the pair is linked. The
+        observer may ask to stop reading for a while (``hold``) or to end the splice (``stop``)."""
+        watch = self.filter
+        if watch is not None:
+            data = watch.feed(data)
+            if watch.done:
                 self.filter = None
+            if watch.stop is not None:
+                self.stop_splice(*watch.stop)
+                return
+            if watch.hold and self.transport is not None:
+                self.transport.pause_reading()
             if not data:
                 return
         peer = self.peer
@@ -1517,6 +1667,10 @@ class _Pump(asyncio.Protocol):
                 splice.close()
             else:
                 splice.linger()  # the client is done talking; the server may still answer
+
+    def stop_splice(self, reply: bytes, reason: str) -> None:
+        if self._splice is not None:
+            self._splice.stop(reply, reason)
 
     def pause_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None and not self.peer.lost:
@@ -1720,7 +1874,7 @@ class _Splice:
         self.loop = asyncio.get_running_loop()
         self.done = self.loop.create_future()
         self.last = self.loop.time()
-        self.outcome = "ok"
+        self.outcome, self.reason = "ok", ""
         self._timer = self.loop.call_later(idle, self._check_idle)
         self._linger: asyncio.TimerHandle | None = None
         self.watch = watch
@@ -1730,8 +1884,8 @@ class _Splice:
         for side in (a, b):
             held, side.held = side.held, []
             if held and not side.peer.lost:
-                side.peer.write(b"".join(held))
-            if not side.lost:
+                side._pass(b"".join(held))  # what arrived before the link meets the observers too
+            if not side.lost and not (side.filter is not None and side.filter.hold):
                 side.transport.resume_reading()
         for side in (a, b):
             if side.lost:
@@ -1754,6 +1908,18 @@ class _Splice:
         owed = self.watch.farewell()
         if owed:
             a.write(owed)
+
+    def stop(self, reply: bytes, reason: str) -> None:
+        """An observer found what may not pass: ``b`` gets nothing more (cut), ``a`` gets ``reply``."""
+        if self.a is None or self.outcome == "refused":
+            return
+        self.outcome, self.reason = "refused", reason
+        self._far_gone = True  # the farewell is this reply
+        _abort_all(self.b)
+        a = self.a
+        if not a.lost and a.transport is not None and not a.transport.is_closing():
+            a.write(reply)
+        a.close()
 
     def _check_idle(self) -> None:
         due = self.last + self.idle - self.loop.time()
@@ -1879,7 +2045,7 @@ class _Session:
     async def splice(self, watch) -> None:
         splice = _Splice(self.client, self.far, self.settings.cfg.timeouts.idle, watch)
         await splice.done
-        self.outcome = splice.outcome
+        self.outcome, self.reason = splice.outcome, splice.reason
 
 
 async def _adopt(sock: socket.socket, tls: _TLS | None = None) -> _Pump:
@@ -2527,11 +2693,28 @@ class _ServerSession(_Session):
             raise SessionError("421 4.3.0 mail server unavailable, try again later", e.reason) from None
         if self.mode is TLSMode.IMPLICIT:
             self.client.write(greeting.encode())
-        if handover is not None:
-            far.write(handover.pending)
+        if handover is not None:  # as if just sent: it meets the command watch like everything else
+            self.client.held.insert(0, handover.pending)
 
     async def run_splice(self) -> None:
-        self.far.filter = watch = HideExtensions()  # the client is inside TLS already: STARTTLS there is a lie
+        """Splice, with two observers: the MTA's replies (EHLO keywords hidden, and the reply owed when
+        it hangs up) and the client's commands (no XCLIENT/XFORWARD ever reaches the MTA), the second
+        told of every reply by the first."""
+        client, far = self.client, self.far
+        commands = CommandWatch()
+
+        def on_reply(code: int, lines: list[bytes]) -> None:
+            released = commands.reply(code, lines)
+            if commands.stop is not None:
+                client.stop_splice(*commands.stop)
+                return
+            if released and not far.lost:
+                far.write(released)
+            if not commands.hold and not client.lost and client.transport is not None:
+                client.transport.resume_reading()
+
+        client.filter = commands
+        far.filter = watch = HideExtensions(on_reply=on_reply)  # inside TLS already: STARTTLS there is a lie
         await self.splice(watch)
 
 

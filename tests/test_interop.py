@@ -224,26 +224,56 @@ class TestServerInFrontOfPostfix:
         assert "sasl_method=XCLIENT, sasl_username=alice" in pf.maillog()
         assert "cert_name=alice" in log and "outcome=ok" in log
 
-    def test_a_client_cannot_send_xclient_itself(self, tmp_path, certs, fronted_postfix):
+    @pytest.mark.parametrize("xclient", [True, False], ids=["with-xclient", "without-xclient"])
+    @pytest.mark.parametrize("command", ["XCLIENT LOGIN=postmaster ADDR=127.0.0.1", "  xclient LOGIN=postmaster",
+                                         "XFORWARD ADDR=192.0.2.1"])
+    def test_a_client_cannot_send_xclient_itself(self, tmp_path, certs, fronted_postfix, xclient, command):
+        """The MTA port trusts 127.0.0.1 with XCLIENT (the README's recipe), and every connection certproxy
+        makes comes from there: a client's own XCLIENT/XFORWARD, in any spelling Postfix reads, must never
+        be written to it, with or without --xclient. certproxy ends the session with a 421 instead."""
         import smtplib
 
         pf, port = fronted_postfix, free_port()
         proc = certproxy(tmp_path, "server", "server", "--tls", "--listen", f"127.0.0.1:{port}",
-                         "--backend", f"127.0.0.1:{pf.ports['trusted']}", "--xclient", "--cert",
-                         str(certs.server.cert), "--key", str(certs.server.key), "--allow", str(certs.client.cert),
-                         port=port)
+                         "--backend", f"127.0.0.1:{pf.ports['trusted']}", *(["--xclient"] if xclient else []),
+                         "--cert", str(certs.server.cert), "--key", str(certs.server.key),
+                         "--allow", str(certs.client.cert), port=port)
         ctx = client_ctx(certs, certs.client)
         try:
-            # From an address outside smtpd_authorized_xclient_hosts, as every remote client is. (A
-            # client from an authorised address may XCLIENT anyway: it could talk to the port directly.)
             with smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=30, source_address=("127.0.0.2", 0)) as s:
                 code, ehlo = s.ehlo("laptop.test")
-                again = s.docmd("XCLIENT", "LOGIN=postmaster ADDR=127.0.0.1")
+                s.putcmd(command)
+                refused = s.getreply()
+                with pytest.raises(smtplib.SMTPServerDisconnected):
+                    s.mail("a@laptop.test")
+            log = proc.wait_log("outcome=refused")
         finally:
             proc.stop()
-        assert code == 250 and b"XCLIENT" not in ehlo
-        # Postfix judges XCLIENT against the address certproxy gave it (127.0.0.1 no longer): refused.
-        assert again[0] == 550 and b"insufficient authorization" in again[1], again
+        assert code == 250 and b"XCLIENT" not in ehlo and b"XFORWARD" not in ehlo
+        verb = command.split()[0].upper()
+        assert refused == (421, f"4.7.0 {verb} is not for clients; closing".encode()), refused
+        assert f"client sent {verb} inside the tunnel" in log, log
+        maillog = pf.maillog()
+        assert "postmaster" not in maillog and "192.0.2.1" not in maillog, maillog
+
+    def test_message_content_is_never_inspected(self, tmp_path, certs, fronted_postfix):
+        """A body line that reads like a hidden command passes untouched (content starts at the 354)."""
+        pf, port = fronted_postfix, free_port()
+        proc = certproxy(tmp_path, "server", "server", "--tls", "--listen", f"127.0.0.1:{port}",
+                         "--backend", f"127.0.0.1:{pf.ports['trusted']}", "--xclient",
+                         "--cert", str(certs.server.cert), "--key", str(certs.server.key),
+                         "--allow", str(certs.client.cert), "--allow-fingerprint", f"{certs.client.fp} alice",
+                         port=port)
+        body = "first line\nXCLIENT LOGIN=postmaster ADDR=127.0.0.1\nXFORWARD NAME=evil\nlast line"
+        try:
+            r = swaks(port, "-tlsc", *cert_args(certs.client), "--pipeline", body=body)
+            log = proc.wait_log("outcome=")
+        finally:
+            proc.stop()
+        assert r.returncode == 0, r.stdout + pf.maillog()
+        msg = pf.messages(1)[0].decode()
+        assert "XCLIENT LOGIN=postmaster ADDR=127.0.0.1\n" in msg and "XFORWARD NAME=evil\n" in msg, msg
+        assert "outcome=ok" in log, log
 
     @pytest.mark.parametrize("mode,flag", [("starttls", "-tls"), ("tls", "-tlsc")])
     def test_strangers_land_on_the_inbound_port(self, tmp_path, certs, fronted_postfix, mode, flag):

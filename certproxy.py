@@ -1316,9 +1316,26 @@ class HideExtensions:
         return kept
 
 
-# A line holding only "." inside message content, ended by CR or LF: the end of the content for some
-# MTA (CRLF.CRLF for all, bare LF or CR for some: the SMTP-smuggling variants).
-_CONTENT_END = re.compile(rb"[\r\n]\.[\r\n]")
+_LF_DOT, _CR_DOT = re.compile(rb"\n\."), re.compile(rb"\r\.")
+
+
+def _content_end(buf: bytes | bytearray) -> int:
+    """Where message content may end: the index of the CR or LF before a line holding only ".", that
+    line ended by CR or LF (CRLF.CRLF for every MTA, bare LF or CR for some: the SMTP-smuggling
+    variants), or such a line cut short by the end of ``buf``; -1 if there is none. memchr-fast."""
+    pos, n = buf.find(b"."), len(buf)
+    if pos < 0:
+        return -1  # no dot at all (a base64 attachment): found by memchr, the common case of bulk
+    pos = max(pos - 1, 0)
+    while True:
+        # re's literal search is faster than bytes.find for a two-byte needle whose first byte is frequent
+        lf, cr = _LF_DOT.search(buf, pos), _CR_DOT.search(buf, pos)
+        if lf is None and cr is None:
+            return -1
+        i = cr.start() if lf is None or (cr is not None and cr.start() < lf.start()) else lf.start()
+        if i + 2 >= n or buf[i + 2] in (0x0D, 0x0A):
+            return i
+        pos = i + 2  # a dot-stuffed line ("..") or text after the dot: not an end
 
 
 class CommandWatch:
@@ -1354,6 +1371,9 @@ class CommandWatch:
     def feed(self, data: bytes) -> bytes:
         if self.stop is not None:
             return b""
+        if self._mode == "content" and not self._buf and not self._line_start and data[-1:] not in (b"\r", b"\n") \
+                and _content_end(data) < 0:
+            return data  # the bulk of a message: passed as it is, no copy
         self._buf += data
         out = bytearray()
         while self._buf and self.stop is None and self._mode != "wait":
@@ -1384,17 +1404,16 @@ class CommandWatch:
                 if buf[1:2] in (b"\r", b"\n"):
                     return self._end_of_content(0)
             self._line_start = False
-        m = _CONTENT_END.search(buf)
-        if m is not None:
-            if buf[m.end() - 1] == 0x0D and m.end() >= len(buf):  # CR: does an LF follow? not here yet
-                piece = bytes(buf[: m.start()])
-                del buf[: m.start()]
-                return piece or None
-            return self._end_of_content(m.start() + 1)
-        keep = 1 if buf[-1:] in (b"\r", b"\n") else 2 if buf[-1:] == b"." and buf[-2:-1] in (b"\r", b"\n") else 0
-        n = len(buf) - keep
-        piece = bytes(buf[:n])
-        del buf[:n]
+        i = _content_end(buf)
+        if i >= 0:
+            t = i + 2  # the CR or LF behind the dot
+            if t < len(buf) and (buf[t] == 0x0A or t + 1 < len(buf)):
+                return self._end_of_content(i + 1)
+            cut = i  # not decided yet: keep the line break and the dot for the next read
+        else:
+            cut = len(buf) - (buf[-1:] in (b"\r", b"\n"))  # a "." may follow in the next read
+        piece = bytes(buf[:cut])
+        del buf[:cut]
         return piece or None
 
     def _end_of_content(self, dot: int) -> bytes:

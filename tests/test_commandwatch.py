@@ -134,3 +134,29 @@ def test_pipelined_transaction_passes_whole():
     p.mta(354)
     p.client(b"hello\r\n.\r\nQUIT\r\n")
     assert p.sent == script + b"hello\r\n.\r\nQUIT\r\n" and p.watch.stop is None
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+tricky = st.lists(st.sampled_from([b"\r", b"\n", b".", b"X", b"XCLIENT ", b"\r\n", b"QUIT\r\n"]),
+                  max_size=40).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tricky, st.lists(st.integers(min_value=0, max_value=60), max_size=8))
+def test_how_the_bytes_are_cut_changes_nothing(body, cuts):
+    """Message content fed whole or cut anywhere: the same bytes pass, the same end is found, the same
+    verdict on what follows (content ends and hidden commands are judged across reads alike)."""
+    def run(pieces):
+        p = Pair()
+        p.client(b"DATA\r\n")
+        p.mta(354)
+        for piece in pieces:
+            p.client(piece)
+        stopped = p.watch.stop is not None  # once stopped, nothing is read any more
+        return p.sent, stopped, p.watch._mode, b"" if stopped else bytes(p.watch._buf)
+
+    points = sorted({min(c, len(body)) for c in cuts})
+    pieces = [body[a:b] for a, b in zip([0, *points], [*points, len(body)])]
+    assert run(pieces) == run([body])

@@ -83,6 +83,8 @@ GOODBYE_LINGER_S = 2.0  # after our last reply, read and discard this long so a 
 MAX_CONNECTIONS = 100  # concurrent sessions per client listener
 MAX_SERVER_CONNECTIONS = 1000  # concurrent sessions per server listener
 MAX_PER_IP = 50  # concurrent sessions from one client address on a server listener (0: no limit)
+IPV6_PREFIX_LENGTH = 64  # IPv6 clients are counted per /64, as Postfix 3.8's smtpd_client_ipv6_prefix_length
+REFUSAL_LINGER_S = 10.0  # a client told it may not pass may still say QUIT this long; then it is closed
 GRACE_S = 30.0  # on SIGTERM, how long live sessions may take to finish before they are cut
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4: command line, CRLF included
 MAX_DIALOGUE_ERRORS = 10  # bad commands before TLS before we hang up (Postfix smtpd_hard_error_limit is 20)
@@ -330,6 +332,7 @@ class ServerConfig:
     proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # load balancers sending PROXY
     max_connections: int = MAX_SERVER_CONNECTIONS
     max_per_ip: int = MAX_PER_IP
+    ipv6_prefix_length: int = IPV6_PREFIX_LENGTH
     timeouts: Timeouts = Timeouts()
 
     def __post_init__(self) -> None:
@@ -375,6 +378,8 @@ class ServerConfig:
             raise ConfigError("--max-connections", "must be at least 1")
         if self.max_per_ip < 0:
             raise ConfigError("--max-per-ip", "must be 0 (no limit) or more")
+        if not 0 <= self.ipv6_prefix_length <= 128:
+            raise ConfigError("--ipv6-prefix-length", "must be 0-128 (bits of an IPv6 address that name one client)")
         self.timeouts.check()
 
 
@@ -1985,15 +1990,27 @@ _WORKER: int | None = None  # with --workers N: this process's number, in every 
 _REUSE_PORT = False  # with --workers N: every worker binds the same port (SO_REUSEPORT)
 
 
+# Characters a peer could use to forge or hide log lines: C0 controls (CR, LF, ESC ...), DEL, C1 (NEL
+# U+0085 among them) and the Unicode line and paragraph separators.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match) -> str:
+    c = ord(match.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
 def _kv(**facts: object) -> str:
-    """``key=value`` pairs, quoted where needed, in a stable order: what operators grep."""
+    """``key=value`` pairs, quoted where needed, in a stable order: what operators grep. A value a
+    peer controls (a command, a name, a certificate subject) can neither end the line nor fake one:
+    control characters are written as ``\\xNN`` / ``\\uNNNN`` inside quotes."""
     out = []
     for k, v in facts.items():
         if v is None or v == "":
             continue
         s = str(v)
-        if not s or any(c in s for c in ' "=\t'):
-            s = '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if any(c in s for c in ' "=\t\\') or _UNSAFE.search(s):
+            s = '"' + _UNSAFE.sub(_escape, s.replace("\\", "\\\\").replace('"', '\\"')) + '"'
         out.append(f"{k}={s}")
     return " ".join(out)
 
@@ -2102,6 +2119,20 @@ def _show(addr: Address) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
+def _client_network(ip: str, v6_prefix: int) -> str:
+    """One client, for per-address limits: an IPv4 address (an IPv4-mapped IPv6 one included), or the
+    IPv6 network of ``v6_prefix`` bits it is in (a host gets a whole /64, and more, to hop around in)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if addr.version == 4:
+        return str(addr)
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{addr}/{v6_prefix}", strict=False))
+
+
 def _listening_socket(ep: Endpoint, *, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
     return socket.create_server((ep.host, ep.port), family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
@@ -2160,6 +2191,10 @@ class _Listener:
     def _max_per_ip(self) -> int:
         return 0
 
+    def _limit_key(self, ip: str) -> str:
+        """Who counts as one client for --max-per-ip."""
+        return ip
+
     def _new_session(self, sock: socket.socket, peer: str, addr: tuple) -> _Session:
         raise NotImplementedError
 
@@ -2205,7 +2240,7 @@ class _Listener:
                 await asyncio.sleep(0.5)
                 continue
             sock.setblocking(False)
-            ip = addr[0]
+            ip = self._limit_key(addr[0])
             peer = _show(addr)
             max_connections, max_per_ip = self.cfg.max_connections, self._max_per_ip()
             if len(self.active) >= max_connections:
@@ -2663,12 +2698,13 @@ class _ServerSession(_Session):
             self.client.write(gate.greeting())
         self.finish("refused", why)
         try:
-            await _drive(self.client, gate)
+            async with asyncio.timeout(REFUSAL_LINGER_S):  # told: no slot held for minutes after that
+                await _drive(self.client, gate)
         except ProtocolError as e:
             await _goodbye(self.client, e.reply)
             return
-        except SessionError:
-            return
+        except (SessionError, TimeoutError, asyncio.TimeoutError):
+            pass
         await _goodbye(self.client, b"")
 
     async def backend(self) -> None:
@@ -2790,6 +2826,9 @@ class ServerService(_Listener):
 
     def _max_per_ip(self) -> int:
         return self.cfg.max_per_ip
+
+    def _limit_key(self, ip: str) -> str:
+        return _client_network(ip, self.cfg.ipv6_prefix_length)
 
     def _certificate_files(self) -> list[tuple[str, str]]:
         files = [("--cert", self.cfg.cert)] + [("--allow", f) for f in _allow_files(self.cfg.allow)]
@@ -3299,6 +3338,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="default %(default)s")
     sv.add_argument("--max-per-ip", type=int, default=MAX_PER_IP, metavar="N",
                     help="concurrent sessions from one address (default %(default)s, 0: no limit)")
+    sv.add_argument("--ipv6-prefix-length", type=int, default=IPV6_PREFIX_LENGTH, metavar="BITS",
+                    help="IPv6 clients count as one per network of this size for --max-per-ip (default %(default)s)")
     _add_service_options(sv)
     _add_workers_option(sv)
     sv.set_defaults(func=_cmd_server)
@@ -3439,6 +3480,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         proxy_from=_networks(args.proxy_from, "--proxy-from"),
         max_connections=args.max_connections,
         max_per_ip=args.max_per_ip,
+        ipv6_prefix_length=args.ipv6_prefix_length,
         timeouts=_timeouts(args),
     )
 
@@ -3542,6 +3584,22 @@ class _Supervisor:
         self.loader = loader
         self.grace = grace
         self.services: dict[str, _Listener] = {}
+        self._reloading: asyncio.Task | None = None
+        self._again = False  # a SIGHUP came while reloading: reload once more, with the newest file
+
+    def request_reload(self) -> None:
+        """One reload at a time; SIGHUPs during one fold into a single reload after it."""
+        if self._reloading is not None and not self._reloading.done():
+            self._again = True
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload_until_quiet())
+
+    async def _reload_until_quiet(self) -> None:
+        while True:
+            self._again = False
+            await self.reload()
+            if not self._again:
+                return
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -3554,8 +3612,10 @@ class _Supervisor:
         stop = loop.create_future()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         await stop
+        if self._reloading is not None:
+            await asyncio.gather(self._reloading, return_exceptions=True)
         active = sum(len(s.active) for s in self.services.values())
         _log_event(logging.INFO, "stopping", sessions=active, grace=self.grace)
         await asyncio.gather(*(s.stop(self.grace) for s in self.services.values()))
@@ -3568,22 +3628,30 @@ class _Supervisor:
             _log_event(logging.ERROR, "reload", outcome="refused", reason=str(e),
                        action="fix the configuration and send SIGHUP again; the running one is kept")
             return
+        failed = []
         for name, svc in new.items():
             old = self.services.get(name)
             if old is not None and type(old) is type(svc) and old.listen == svc.listen:
                 old.replace(svc)
                 continue
-            try:
+            try:  # the new listener first: if it cannot start, the old one goes on serving
                 await svc.start()
             except ConfigError as e:
-                _log_event(logging.ERROR, "reload", service=name, outcome="failed", reason=str(e))
+                failed.append(name)
+                _log_event(logging.ERROR, "reload", service=name, outcome="failed", reason=str(e),
+                           action="the running service is kept" if old is not None else "not started")
                 continue
+            self.services[name] = svc
             if old is not None:
                 await old.stop(self.grace)
-            self.services[name] = svc
         for name in set(self.services) - set(new):
             await self.services.pop(name).stop(self.grace)
-        _log_event(logging.INFO, "reload", outcome="ok", services=",".join(sorted(self.services)))
+        if failed:
+            _log_event(logging.ERROR, "reload", outcome="partial", failed=",".join(failed),
+                       services=",".join(sorted(self.services)),
+                       action="fix what the lines above say and send SIGHUP again")
+        else:
+            _log_event(logging.INFO, "reload", outcome="ok", services=",".join(sorted(self.services)))
 
 
 def _loop_factory():

@@ -186,6 +186,47 @@ class TestReloadAndDrain:
         finally:
             proc.stop()
 
+    def test_reload_to_a_taken_port_keeps_the_old_listener(self, tmp_path, certs, sink_mta):
+        port, taken = free_port(), free_port()
+        conf = tmp_path / "c.toml"
+        conf.write_text(server_table(certs, port, sink_mta.port))
+        proc = Process([sys.executable, str(ROOT / "certproxy.py"), "run", str(conf)], port, tmp_path / "run.log")
+        blocker = socket.create_server(("127.0.0.1", taken))  # someone else listens on the new port
+        try:
+            conf.write_text(server_table(certs, taken, sink_mta.port))
+            proc.proc.send_signal(signal.SIGHUP)
+            log = proc.wait_log("reload outcome=")
+            assert "reload outcome=partial failed=smtps" in log and "reload outcome=ok" not in log, log
+            assert "the running service is kept" in log and f"cannot listen on 127.0.0.1:{taken}" in log, log
+            assert tls_greeting(port, certs, certs.client).startswith(b"220 backend.test")  # still serving
+        finally:
+            blocker.close()
+            proc.stop()
+
+    def test_sighups_in_quick_succession_end_with_the_last_configuration(self, tmp_path, certs, sink_mta):
+        port = free_port()
+        conf = tmp_path / "c.toml"
+        conf.write_text(server_table(certs, port, sink_mta.port))  # A: the laptop only
+        proc = Process([sys.executable, str(ROOT / "certproxy.py"), "run", str(conf)], port, tmp_path / "run.log")
+        laptop, stranger = str(certs.client.cert), str(certs.other_client.cert)
+        try:
+            conf.write_text(server_table(certs, port, sink_mta.port).replace(laptop, stranger))  # B: the stranger only
+            proc.proc.send_signal(signal.SIGHUP)
+            conf.write_text(server_table(certs, port, sink_mta.port).replace(  # C: both
+                f'allow = ["{laptop}"]', f'allow = ["{laptop}", "{stranger}"]'))
+            proc.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:  # the reloads take their time; C is the only one that lets both in
+                both = [tls_greeting(port, certs, pair).startswith(b"220 backend.test")
+                        for pair in (certs.client, certs.other_client)]
+                if all(both):
+                    break
+            assert all(both), both
+            log = (tmp_path / "run.log").read_text()
+            assert 1 <= log.count("reload outcome=ok") <= 2 and "outcome=partial" not in log, log
+        finally:
+            proc.stop()
+
     def test_sigterm_lets_live_sessions_finish(self, tmp_path, certs, sink_mta):
         port = free_port()
         conf = tmp_path / "c.toml"

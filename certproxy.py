@@ -74,6 +74,7 @@ IMPLICIT_TLS_PORT = 465  # RFC 8314: submissions (implicit TLS)
 MAX_REPLY_LINE = 2048  # RFC 5321 4.5.3.1.5 says 512 octets; leave room for long EHLO lines, stay bounded
 MAX_REPLY_LINES = 64  # lines in one multi-line reply before we call it hostile
 CONNECT_TIMEOUT_S = 30.0  # per upstream address
+HAPPY_EYEBALLS_DELAY_S = 0.25  # RFC 8305 5: Connection Attempt Delay before the next address is tried
 DIALOGUE_TIMEOUT_S = 60.0  # whole pre-TLS dialogue (greeting, EHLO, STARTTLS)
 HANDSHAKE_TIMEOUT_S = 30.0  # TLS handshake
 IDLE_TIMEOUT_S = 600.0  # RFC 5321 4.5.3.2.7: server timeout for the DATA termination is 10 minutes
@@ -2096,14 +2097,86 @@ async def _adopt(sock: socket.socket, tls: _TLS | None = None) -> _Pump:
     return pump
 
 
-async def _dial(ep: Endpoint, tls: _TLS | None = None) -> _Pump:
+async def _resolve(host: str, port: int) -> list[tuple[int, tuple]]:
+    """(family, sockaddr) of every address of ``host``, IPv6 and IPv4 alternating (RFC 8305 4)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    by_family: dict[int, list[tuple]] = {}
+    for family, _, _, _, sockaddr in infos:
+        if sockaddr not in by_family.setdefault(family, []):
+            by_family[family].append(sockaddr)
+    lists = [[(family, a) for a in addrs] for family, addrs in by_family.items()]
+    return [pair for group in itertools.zip_longest(*lists) for pair in group if pair is not None]
+
+
+async def _connect_one(family: int, sockaddr: tuple, timeout: float) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _happy_eyeballs(addrs: list[tuple[int, tuple]], timeout: float) -> socket.socket:
+    """RFC 8305: start with the first address; start the next one when the last attempt failed or has
+    not connected within HAPPY_EYEBALLS_DELAY_S; the first connection wins, the others are dropped.
+    Each attempt has ``timeout`` of its own, so a dead IPv6 path costs every session 250 ms, not 30 s."""
+    attempts: set[asyncio.Task] = set()
+    errors: list[BaseException] = []
+
+    def winner(done: set[asyncio.Task]) -> socket.socket | None:
+        won = None
+        for task in done:
+            attempts.discard(task)
+            if task.exception() is not None:
+                errors.append(task.exception())
+            elif won is None:
+                won = task.result()
+            else:
+                task.result().close()  # two at once: one is enough
+        return won
+
+    try:
+        for family, sockaddr in addrs:
+            attempts.add(asyncio.get_running_loop().create_task(_connect_one(family, sockaddr, timeout)))
+            done, _ = await asyncio.wait(attempts, timeout=HAPPY_EYEBALLS_DELAY_S, return_when=asyncio.FIRST_COMPLETED)
+            if (sock := winner(done)) is not None:
+                return sock
+        while attempts:
+            done, _ = await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
+            if (sock := winner(done)) is not None:
+                return sock
+    finally:
+        for task in attempts:
+            task.cancel()
+        if attempts:
+            await asyncio.gather(*attempts, return_exceptions=True)
+    raise errors[-1] if errors else OSError("no address to connect to")
+
+
+async def _dial(ep: Endpoint, tls: _TLS | None = None, *, timeout: float = CONNECT_TIMEOUT_S) -> _Pump:
     """A connection to ``ep``: plain (what the server sends is held until asked for), or TLS from the
-    first byte (the ClientHello is sent at once; await ``pump.handshake``)."""
+    first byte (the ClientHello is sent at once; await ``pump.handshake``). An address is connected
+    at once; a name's addresses are tried as RFC 8305 says, each for ``timeout``."""
     pump = _Pump()
     if tls is not None:
         pump.start_tls(tls)
+    loop = asyncio.get_running_loop()
     try:
-        await asyncio.get_running_loop().create_connection(lambda: pump, ep.host, ep.port)
+        if _is_ip(ep.host):
+            async with asyncio.timeout(timeout):
+                await loop.create_connection(lambda: pump, ep.host, ep.port)
+        else:
+            async with asyncio.timeout(timeout):
+                addrs = await _resolve(ep.host, ep.port)
+            if not addrs:
+                raise OSError(f"{ep.host} has no address")
+            sock = await _happy_eyeballs(addrs, timeout) if len(addrs) > 1 else \
+                await _connect_one(*addrs[0], timeout)
+            await loop.create_connection(lambda: pump, sock=sock)
     except BaseException:
         _abort_all(pump)
         _release(pump)
@@ -2403,8 +2476,7 @@ class _ClientSession(_Session):
                    strict=bool(cfg.ca))
         phase, reply = "connect", "421 4.4.1 upstream unreachable"
         try:
-            async with asyncio.timeout(to.connect):
-                pump = await _dial(ep, tls if implicit else None)
+            pump = await _dial(ep, tls if implicit else None, timeout=to.connect)
             if not implicit:
                 phase, reply = "starttls", "421 4.4.2 upstream timed out"
                 async with asyncio.timeout(to.dialogue):
@@ -2606,7 +2678,7 @@ class _ServerSession(_Session):
         return phases + [
                 ("handshake", to.handshake, self.handshake, ""),
                 ("authorise", to.dialogue, self.authorise, ""),
-                ("backend", to.connect, self.backend, unavailable),
+                ("backend", None, self.backend, unavailable),  # _dial times each address itself
                 ("backend-dialogue", to.dialogue, self.backend_dialogue, unavailable),
                 ("splice", None, self.run_splice, "")]
 
@@ -2712,7 +2784,7 @@ class _ServerSession(_Session):
         cfg, ep = self.settings.cfg, self.route
         self.facts["backend"] = str(ep)
         try:
-            self.far = await _dial(ep)
+            self.far = await _dial(ep, timeout=cfg.timeouts.connect)
         except OSError as e:
             raise SessionError("421 4.3.0 mail server unavailable, try again later",
                                f"backend {ep}: {_describe(e)}") from None

@@ -197,3 +197,55 @@ class TestPerAddressLimits:
         writer.close()
         line = await session_line(caplog)
         assert "outcome=refused" in line, line
+
+
+class TestHappyEyeballs:
+    """An upstream name with several addresses is tried address by address (RFC 8305): a dead first
+    address costs 250 ms, not the whole connect timeout."""
+
+    async def test_a_dead_first_address_does_not_cost_the_connect_timeout(self, certs, client_service,
+                                                                          aiosmtpd_upstream, monkeypatch, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
+        up = aiosmtpd_upstream("tls")
+        port = int(up.endpoint.rsplit(":", 1)[1])
+        # A listener whose accept queue is full: a connect to it hangs (its SYN is dropped), as to a
+        # dead IPv6 route.
+        full = socket.create_server(("127.0.0.2", 0), backlog=0)
+        fillers = []
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(full.getsockname())
+            fillers.append(s)
+
+        async def resolve(host, p):
+            assert host == "mx.dual.test"
+            return [(socket.AF_INET, full.getsockname()), (socket.AF_INET, ("127.0.0.1", port))]
+
+        monkeypatch.setattr(certproxy, "_resolve", resolve)
+        cli = await client_service(f"mx.dual.test:{port}", mode="tls", server_name="localhost",
+                                   timeouts=certproxy.Timeouts(connect=30))
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", cli.port)
+            async with asyncio.timeout(10):  # far less than the 30 s connect timeout of the dead address
+                assert (await read_reply(reader)).startswith(b"220 ")
+            writer.write(b"QUIT\r\n")
+            assert (await read_reply(reader)).startswith(b"221")
+            writer.close()
+            assert "outcome=ok" in await session_line(caplog)
+        finally:
+            for s in fillers:
+                s.close()
+            full.close()
+
+    async def test_addresses_alternate_between_families(self, monkeypatch):
+        infos = [(socket.AF_INET6, 1, 6, "", ("2001:db8::1", 25, 0, 0)), (socket.AF_INET6, 1, 6, "", ("2001:db8::2", 25, 0, 0)),
+                 (socket.AF_INET, 1, 6, "", ("192.0.2.1", 25)), (socket.AF_INET, 1, 6, "", ("192.0.2.2", 25))]
+
+        class Loop:
+            async def getaddrinfo(self, host, port, type):
+                return infos
+
+        monkeypatch.setattr(certproxy.asyncio, "get_running_loop", lambda: Loop())
+        got = await certproxy._resolve("mx.example.org", 25)
+        assert [a[1][0] for a in got] == ["2001:db8::1", "192.0.2.1", "2001:db8::2", "192.0.2.2"]

@@ -87,6 +87,8 @@ MAX_PER_IP = 50  # concurrent sessions from one client address on a server liste
 IPV6_PREFIX_LENGTH = 64  # IPv6 clients are counted per /64, as Postfix 3.8's smtpd_client_ipv6_prefix_length
 REFUSAL_LINGER_S = 10.0  # a client told it may not pass may still say QUIT this long; then it is closed
 GRACE_S = 30.0  # on SIGTERM, how long live sessions may take to finish before they are cut
+WORKER_STABLE_S = 60.0  # a worker that lived this long before dying is restarted after 1 s again
+WORKER_BACKOFF_MAX_S = 60.0  # a worker that keeps dying is restarted after 1, 2, 4 ... at most this many s
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4: command line, CRLF included
 MAX_DIALOGUE_ERRORS = 10  # bad commands before TLS before we hang up (Postfix smtpd_hard_error_limit is 20)
 MAX_DIALOGUE_COMMANDS = 50  # commands before TLS before we hang up
@@ -3587,17 +3589,21 @@ def _raise_usage(where: str):
     return error
 
 
-def load_config(path: str) -> dict[str, _Listener]:
-    """Services from a TOML file: one table per service, ``[client.NAME]`` or ``[server.NAME]``, whose
-    keys are the command-line options without dashes (``pin = ["..."]``, ``allow-remote-clients = true``).
-    Every error names the file, the service and the option."""
+def load_config(path: str, text: bytes | None = None) -> dict[str, _Listener]:
+    """Services from a TOML file (or its ``text``, read before): one table per service, ``[client.NAME]``
+    or ``[server.NAME]``, whose keys are the command-line options without dashes (``pin = ["..."]``,
+    ``allow-remote-clients = true``). Every error names the file, the service and the option."""
     import tomllib
 
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
+        if text is None:
+            with open(path, "rb") as f:
+                text = f.read()
+        doc = tomllib.loads(text.decode("utf-8"))
     except OSError as e:
         raise ConfigError(path, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, f"not valid TOML: {e}") from None
     unknown = set(doc) - {"client", "server"}
@@ -3763,7 +3769,10 @@ def _supervise(loader, grace: float, workers: int = 1) -> int:
 def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -> int:
     """--workers N: N forked processes, each running every service on the same ports (SO_REUSEPORT:
     the kernel spreads new connections across them). The parent only forwards SIGHUP / SIGTERM /
-    SIGINT and restarts a worker that dies; a worker that cannot start (exit 2) stops them all."""
+    SIGINT and restarts a worker that dies, with backoff; a worker that cannot start (exit 2) stops
+    them all. Signals are blocked around each fork, so none is lost or handled by the wrong process,
+    and a worker started again loads the configuration the others loaded (``loader.pinned``), not
+    whatever the file says now."""
     for name, svc in services.items():
         if svc.listen.port == 0:
             raise ConfigError("--workers", f"[{name}] needs a fixed --listen port (not 0) to share between workers")
@@ -3772,22 +3781,33 @@ def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -
         problem = _port_problem(svc.listen)
         if problem:
             raise ConfigError("--listen", f"[{name}] {problem}")
-    children: dict[int, int] = {}
+    children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, started)
+    failures: dict[int, int] = {}  # worker number -> deaths in a row, each soon after its start
     state = {"stopping": False}
+    handled = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+    pinned = getattr(loader, "pinned", loader)
 
-    def spawn(number: int) -> None:
+    def spawn(number: int) -> int:
         global _WORKER, _REUSE_PORT
-        pid = os.fork()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid:
-            children[pid] = number
-            return
+            children[pid] = (number, time.monotonic())
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGTERM that came meanwhile reaches it now
+            return pid
         code = 1
-        try:  # the worker: a process of its own from here on
+        try:  # the worker: a process of its own from here on, with its own handlers before any signal
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its supervisor handles it
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             _WORKER, _REUSE_PORT = number, True
-            code = _supervise(loader, grace)
+            first = [pinned]
+            code = _supervise(lambda: (first.pop() if first else loader)(), grace)
         except ConfigError as e:
             log.error("worker %d: %s", number, e)
             code = 2
@@ -3800,15 +3820,19 @@ def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -
     def forward(sig: int, _frame) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):
             state["stopping"] = True
+        elif sig == signal.SIGHUP:
+            getattr(loader, "remember", lambda: None)()  # what the workers are about to load
         for pid in list(children):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
 
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+    for sig in handled:
         signal.signal(sig, forward)
     for number in range(1, n + 1):
+        if state["stopping"]:  # a SIGTERM during start-up: start no more
+            break
         spawn(number)
     _log_event(logging.INFO, "workers", count=n, pids=",".join(str(p) for p in children))
     status = 0
@@ -3817,7 +3841,7 @@ def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -
             pid, raw = os.wait()
         except ChildProcessError:
             break
-        number = children.pop(pid, None)
+        number, started = children.pop(pid, (None, 0.0))
         if number is None:
             continue
         code = os.waitstatus_to_exitcode(raw)
@@ -3829,11 +3853,15 @@ def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -
             status = 2
             forward(signal.SIGTERM, None)
             continue
+        failures[number] = failures.get(number, 0) + 1 if time.monotonic() - started < WORKER_STABLE_S else 1
+        delay = min(WORKER_BACKOFF_MAX_S, 2.0 ** (failures[number] - 1))
         _log_event(logging.ERROR, "worker", worker=number, pid=pid, outcome="died", code=code,
-                   action="restarting it in 1 s")
-        time.sleep(1)
+                   action=f"restarting it in {delay:g} s")
+        deadline = time.monotonic() + delay
+        while not state["stopping"] and time.monotonic() < deadline:  # a SIGTERM cuts the pause short
+            time.sleep(0.1)
         if not state["stopping"]:  # a SIGTERM during the pause: do not start what nobody will stop
-            spawn(number)
+            _log_event(logging.INFO, "worker", worker=number, pid=spawn(number), outcome="restarted")
     return status
 
 
@@ -3851,8 +3879,43 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return _supervise(lambda: {"server": ServerService(server_config_from_args(args))}, args.grace, _workers(args))
 
 
+class _ConfigFile:
+    """``run CONFIG.toml``'s loader: the services as the file says now. For --workers it also keeps the
+    text the workers loaded (at start, and at each SIGHUP: ``remember``) so that a worker started again
+    runs what the others run (``pinned``), even if the file was edited since without a SIGHUP."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.text: bytes | None = None
+
+    def __call__(self) -> dict[str, _Listener]:
+        text = self._read()
+        services = load_config(self.path, text)
+        if self.text is None:
+            self.text = text
+        return services
+
+    def _read(self) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise ConfigError(self.path, f"cannot read: {e.strerror}") from None
+
+    def remember(self) -> None:
+        try:
+            text = self._read()
+            load_config(self.path, text)  # only a file the workers will accept replaces what they run
+        except ConfigError:
+            return
+        self.text = text
+
+    def pinned(self) -> dict[str, _Listener]:
+        return load_config(self.path, self.text) if self.text is not None else self()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    return _supervise(lambda: load_config(args.config), args.grace, _workers(args))
+    return _supervise(_ConfigFile(args.config), args.grace, _workers(args))
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -349,6 +349,41 @@ class TestWorkers:
                 os.kill(int(pid), 0)
         assert log.read_text().count("stopped") == 2
 
+    def test_a_crashing_worker_is_restarted_with_backoff_and_the_configuration_the_others_run(
+            self, tmp_path, certs, sink_mta):
+        import os
+        import re
+
+        port = free_port()
+        conf = tmp_path / "c.toml"
+        conf.write_text(server_table(certs, port, sink_mta.port))  # the laptop allowed
+        log = tmp_path / "run.log"
+        proc = Process([sys.executable, str(ROOT / "certproxy.py"), "run", str(conf), "--workers", "2"], port, log)
+        try:
+            deadline = time.monotonic() + 20
+            while log.read_text().count("listening ") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # The file changes, but nobody sends SIGHUP: the running workers keep the laptop allowed.
+            conf.write_text(server_table(certs, port, sink_mta.port).replace(str(certs.client.cert),
+                                                                                str(certs.other_client.cert)))
+            for death in range(2):  # worker 1 dies twice in a row, soon after its start
+                pid = int(re.findall(r"workers count=2 pids=(\d+),", log.read_text())[0]) if death == 0 else \
+                    int(re.findall(r"worker worker=1 pid=(\d+) outcome=restarted", log.read_text())[-1])
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 20
+                while log.read_text().count("outcome=died") < death + 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                deadline = time.monotonic() + 20
+                while log.read_text().count("listening ") < 3 + death and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            text = log.read_text()
+            assert "restarting it in 1 s" in text and "restarting it in 2 s" in text, text
+            # Whichever worker the kernel picks, the laptop is served: the restarted one runs the old text.
+            for _ in range(16):
+                assert tls_greeting(port, certs, certs.client).startswith(b"220 backend.test")
+        finally:
+            proc.stop()
+
     def test_workers_need_a_fixed_port(self, certs):
         r = cli("server", "--tls", "--workers", "2", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:25",
                 "--cert", str(certs.server.cert), "--key", str(certs.server.key), "--allow", str(certs.client.cert))

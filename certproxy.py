@@ -978,13 +978,15 @@ class ReplyParser:
         """Append ``data``; return the next complete reply, or None if more bytes are needed."""
         self._buf += data
         while True:
+            # The same limit whether a line comes whole or in pieces: its length without the line end
+            # (trailing CRs included), and in any case at most twice that in bytes.
             end = self._buf.find(b"\n")
             if end < 0:
-                if len(self._buf) > MAX_REPLY_LINE:
+                if len(self._buf) > 2 * MAX_REPLY_LINE or len(self._buf.rstrip(b"\r")) > MAX_REPLY_LINE:
                     raise ProtocolError("421 4.5.0 upstream reply line too long", "upstream sent a reply line over the limit")
                 return None
             raw = bytes(self._buf[:end]).rstrip(b"\r")
-            if len(raw) > MAX_REPLY_LINE:
+            if end > 2 * MAX_REPLY_LINE or len(raw) > MAX_REPLY_LINE:
                 raise ProtocolError("421 4.5.0 upstream reply line too long", "upstream sent a reply line over the limit")
             m = _REPLY_LINE.fullmatch(raw)
             if not m:

@@ -13,6 +13,7 @@ import pytest
 
 import certproxy
 from conftest import free_port, read_reply, session_line
+from test_server import NEAR_MISSES, near_miss
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE = b"From: a@laptop.test\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nhello through certproxy\r\n"
@@ -48,7 +49,6 @@ class TestHappyPath:
         assert msg.rcpt_tos == ["b@example.net"]
         subject = dict(x[0] for x in msg.peercert["subject"])
         assert subject["commonName"] == "laptop"
-        await asyncio.sleep(0.1)
         line = await session_line(caplog)
         for fact in ("outcome=ok", f"upstream={up.endpoint}", f"tls={'implicit' if mode == 'tls' else mode}", "tls_version=TLSv1.3", "cipher=",
                      "server_fp=", "bytes_in=", "bytes_out=", "duration=", "peer=127.0.0.1:"):
@@ -99,7 +99,6 @@ class TestHappyPath:
         svc = await client_service(dead, up.endpoint)
         assert await asyncio.to_thread(send, svc.port) == {}
         assert len(up.recorder.messages) == 1
-        await asyncio.sleep(0.1)
         line = await session_line(caplog)
         assert f"upstream={up.endpoint}" in line and "connection refused" in line
 
@@ -120,9 +119,25 @@ class TestFailuresGive421:
         reply = await local_reply(svc.port)
         assert reply.startswith(b"421 4.7.0 ") and reply.endswith(b"\r\n")
         assert up.recorder.messages == []
-        await asyncio.sleep(0.1)
         line = await session_line(caplog)
         assert "outcome=refused" in line and f"--pin {certs.other_server.fp}" in line
+
+    @pytest.mark.parametrize("mode", ["starttls", "tls"])
+    @pytest.mark.parametrize("miss", list(NEAR_MISSES))
+    async def test_near_miss_pin_gives_421_and_the_real_fingerprint(self, aiosmtpd_upstream, client_service, certs,
+                                                                      caplog, mode, miss):
+        """A --pin sharing the server's first 16 hex digits (or all but the last) is another server's pin."""
+        caplog.set_level(logging.INFO, "certproxy")
+        which, keep = NEAR_MISSES[miss]
+        pin = near_miss(getattr(certs.server, which), keep)
+        assert pin[:23] == getattr(certs.server, which)[:23] and pin != getattr(certs.server, which)
+        up = aiosmtpd_upstream(mode)
+        svc = await client_service(up.endpoint, pins=[pin], mode=mode)
+        reply = await local_reply(svc.port)
+        assert reply.startswith(b"421 4.7.0 ") and reply.endswith(b"\r\n")
+        line = await session_line(caplog)
+        assert up.recorder.messages == []
+        assert "outcome=refused" in line and f"--pin {certs.server.fp}" in line, line
 
     @pytest.mark.parametrize("mode", ["starttls", "tls"])
     async def test_unreachable(self, client_service, mode, caplog):
@@ -130,7 +145,6 @@ class TestFailuresGive421:
         svc = await client_service(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", mode=mode)
         reply = await local_reply(svc.port)
         assert reply.startswith(b"421 4.4.1 ")
-        await asyncio.sleep(0.1)
         line = await session_line(caplog)
         assert line.count("connection refused") == 2
 
@@ -173,11 +187,19 @@ class TestMaliciousUpstream:
 
     async def _run(self, client_service, scripted_upstream, script, caplog, **kw):
         caplog.set_level(logging.INFO, "certproxy")
-        up = await scripted_upstream(script)
+        over = asyncio.Event()
+
+        async def upstream(reader, writer, received):
+            try:
+                await script(reader, writer, received)
+            finally:
+                over.set()  # the upstream has all it will ever receive (certproxy hung up, or the script ended)
+
+        up = await scripted_upstream(upstream)
         svc = await client_service(up.endpoint, mode="starttls", **kw)
         reply = await local_reply(svc.port)
-        await asyncio.sleep(0.2)
         line = await session_line(caplog)
+        await asyncio.wait_for(over.wait(), 20)
         return reply, bytes(up.received), line
 
     async def test_no_starttls_advertised(self, client_service, scripted_upstream, caplog):
@@ -223,7 +245,7 @@ class TestMaliciousUpstream:
             received += await reader.readline()
             writer.write(b"220 2.0.0 go ahead\r\n")
             await writer.drain()
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the scenario: a second segment, once certproxy has acted on the 220
             writer.write(b"250-mx.evil.test\r\n250 AUTH PLAIN\r\n")  # plaintext where a TLS record belongs
             await _drain_rest(reader, received)
 

@@ -69,6 +69,10 @@ class TestWireFormats:
         assert parse_proxy_header(b"PROXY UNKNOWN\r\n") == (15, None, None)
         assert parse_proxy_header(b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00") == (16, None, None)
 
+    def test_xtext_encodes_plus_and_equals_in_a_name(self):
+        # RFC 3461 xtext: '+' and '=' are hex-encoded, so a name such as alice+laptop reaches the MTA intact.
+        assert xtext("alice+laptop=1") == "alice+2Blaptop+3D1"
+
     def test_xclient(self):
         assert xtext("al ice+=x") == "al+20ice+2B+3Dx"
         assert xclient_command({"ADDR", "PORT", "NAME", "LOGIN"}, ("203.0.113.7", 4000), "alice") == \
@@ -125,12 +129,15 @@ class TestXClient:
         assert sent[2] == b"EHLO laptop.test"
         assert "cert_name=alice" in line and "outcome=ok" in line
 
-    async def test_name_defaults_to_common_name(self, certs, server_service, scripted_upstream):
+    async def test_name_defaults_to_common_name(self, certs, server_service, scripted_upstream, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
         mta = await scripted_upstream(xclient_mta)
         svc = await server_service("tls", mta.endpoint, xclient=True)
-        reader, writer, _ = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
+        reader, writer, greeting = await tls_open(svc.port, "tls", client_ctx(certs, certs.client))
+        assert greeting == b"220 after.xclient ESMTP\r\n"
         writer.close()
-        await asyncio.sleep(0.2)
+        line = await session_line(caplog)
+        assert "cert_name=laptop" in line, line
         assert b" LOGIN=laptop\r\n" in mta.received
 
     @pytest.mark.parametrize("offer,answer,expect", [
@@ -300,7 +307,8 @@ class TestOnePortBothModes:
         assert greeting.startswith(b"220 b ")
         writer.close()
 
-    async def test_plaintext_is_never_spliced(self, certs, server_service, sink):
+    async def test_plaintext_is_never_spliced(self, certs, server_service, sink, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
         backend = await sink("b")
         svc = await server_service("both", backend.endpoint)
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
@@ -308,10 +316,13 @@ class TestOnePortBothModes:
         writer.write(b"MAIL FROM:<a@b>\r\n")
         assert (await read_reply(reader)).startswith(b"530 5.7.0")
         writer.close()
+        await session_line(caplog)
         assert backend.connections == 0
 
 
-class TestReviewFindings:
+class TestResetInsideTheProxyHeader:
+    """A client on a --proxy-from address that resets the connection half-way through its PROXY header."""
+
     async def test_reset_before_anything_is_a_closed_session_not_an_error(self, certs, server_service, sink, caplog):
         caplog.set_level(logging.INFO, "certproxy")
         backend = await sink("b")
@@ -323,6 +334,10 @@ class TestReviewFindings:
         s.close()
         line = await session_line(caplog)
         assert "outcome=error" not in line and "internal error" not in caplog.text, line
+
+
+class TestOptionalStartTLSHandover:
+    """--starttls-optional: a client that stays in clear is handed to the untrusted backend exactly as it spoke."""
 
     async def test_odd_blank_before_ehlo_is_not_taken_for_ehlo(self, certs, server_service, scripted_upstream, caplog):
         """\xa0EHLO is not EHLO: under --starttls-optional it is the client's first unknown command, handed

@@ -11,9 +11,25 @@ import ssl
 import pytest
 
 import certproxy
-from conftest import client_ctx, read_reply, session_line
+from conftest import CertPair, client_ctx, read_reply, session_line
 
 MESSAGE = b"From: a@laptop.test\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nhello through certproxy server\r\n"
+NOT_AUTHORISED = b"554 5.7.1 certificate not authorised\r\n"
+
+
+def near_miss(fp: str, keep: int) -> str:
+    """A digest that agrees with ``fp`` in its first ``keep`` hex digits and differs in every one after."""
+    digits = fp.replace(":", "")
+    return certproxy.format_fingerprint(bytes.fromhex(
+        digits[:keep] + "".join("0" if d != "0" else "1" for d in digits[keep:])))
+
+
+# Digests one glance would take for the certificate's: (which digest of the pair, hex digits kept).
+NEAR_MISSES = {
+    "sha256-first-16-digits": ("fp", 16),
+    "sha256-all-but-the-last-digit": ("fp", 63),
+    "spki-first-16-digits": ("spki", 16),
+}
 
 
 @pytest.fixture
@@ -62,7 +78,6 @@ class TestHappyPath:
         assert backend.connections == 1
         assert b"hello through certproxy server" in backend.received
         assert backend.received.lower().startswith(b"ehlo laptop.test\r\nmail from:<a@laptop.test>")
-        await asyncio.sleep(0.1)
         line = await session_line(caplog)
         for fact in ("outcome=ok", f"cert_fp={certs.client.fp}", 'cert_subject="CN=laptop"', "tls_version=TLSv1.3",
                      f"backend={backend.endpoint}", "bytes_in=", "bytes_out="):
@@ -144,13 +159,14 @@ class TestRefusals:
         writer.write(b"QUIT\r\n")
         assert (await read_reply(reader)).startswith(b"221 ")
         writer.close()
-        await asyncio.sleep(0.1)
+        line = await session_line(caplog)
         assert backend.connections == 0
-        line = (await session_line(caplog))
         assert "outcome=refused" in line and "no client certificate" in line
 
-    async def test_client_ca_and_fingerprint_narrowing(self, certs, backend, server_service, tmp_path):
+    async def test_client_ca_and_fingerprint_narrowing(self, certs, backend, server_service, tmp_path, caplog):
         import trustme
+
+        caplog.set_level(logging.INFO, "certproxy")
         ca = trustme.CA()
         ca_file = tmp_path / "ca.pem"
         ca.cert_pem.write_to_path(ca_file)
@@ -170,6 +186,7 @@ class TestRefusals:
         writer.write(b"MAIL FROM:<b@laptop.test>\r\n")
         assert await read_reply(reader) == b"554 5.7.1 certificate not authorised\r\n"
         writer.close()
+        await session_line(caplog, count=2)  # alice's session and bob's are both over
         assert backend.connections == 1
 
     @pytest.mark.parametrize("mode", ["tls", "starttls"])
@@ -181,8 +198,104 @@ class TestRefusals:
         reply = greeting if mode == "tls" else await read_reply(reader)
         assert reply.startswith(b"421 4.3.0 ")
         writer.close()
-        await asyncio.sleep(0.1)
         assert "connection refused" in (await session_line(caplog))
+
+
+@pytest.fixture(scope="module")
+def ca_issued(tmp_path_factory) -> tuple[str, CertPair]:
+    """A private CA (its certificate file, for --client-ca) and a client certificate it issued."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    d = tmp_path_factory.mktemp("near-miss")
+    ca_pem, ca_key = certproxy.make_certificate("Team CA", ca=True)
+    (d / "ca.pem").write_bytes(ca_pem)
+    cert, key = certproxy.make_certificate(
+        "alice", usage="client", issuer=(x509.load_pem_x509_certificate(ca_pem), load_pem_private_key(ca_key, None)))
+    (d / "alice.pem").write_bytes(cert)
+    (d / "alice.key").write_bytes(key)
+    (d / "alice.key").chmod(0o600)
+    return str(d / "ca.pem"), CertPair(d / "alice.pem", d / "alice.key")
+
+
+# How the handshake comes to accept a certificate before --allow-fingerprint judges it:
+# (the certificate presented, server_service keywords).
+ACCEPTED_BY = {
+    "client-ca": lambda certs, ca: (ca[1], {"allow": [], "client_ca": ca[0]}),
+    "allow-file": lambda certs, ca: (certs.client, {}),
+}
+
+
+class TestAllowFingerprintNearMiss:
+    """--allow-fingerprint narrows who may pass to exact digests: one that shares the presented
+    certificate's first 16 hex digits (what a person compares by eye) is another certificate's."""
+
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    @pytest.mark.parametrize("setup", list(ACCEPTED_BY))
+    @pytest.mark.parametrize("miss", list(NEAR_MISSES))
+    async def test_refused_inside_tls_and_the_backend_never_hears(self, certs, ca_issued, backend, server_service,
+                                                                  caplog, mode, setup, miss):
+        caplog.set_level(logging.INFO, "certproxy")
+        pair, kw = ACCEPTED_BY[setup](certs, ca_issued)
+        which, keep = NEAR_MISSES[miss]
+        digest = near_miss(getattr(pair, which), keep)
+        assert digest[:23] == getattr(pair, which)[:23] and digest != getattr(pair, which)
+        svc = await server_service(mode, backend.endpoint, **kw,
+                                   allow_fingerprints=certproxy.Pins.parse([digest], "--allow-fingerprint"))
+        reader, writer, greeting = await tls_open(svc.port, mode, client_ctx(certs, pair))
+        if mode == "tls":
+            assert greeting == NOT_AUTHORISED
+        writer.write(b"MAIL FROM:<a@laptop.test>\r\n")
+        assert await read_reply(reader) == NOT_AUTHORISED
+        writer.write(b"QUIT\r\n")
+        assert (await read_reply(reader)).startswith(b"221 ")
+        writer.close()
+        line = await session_line(caplog)
+        assert backend.connections == 0
+        assert "outcome=refused" in line and "cert=refused" in line and f"cert_fp={pair.fp}" in line, line
+        assert "not in --allow-fingerprint" in line, line
+
+    @pytest.mark.parametrize("setup", list(ACCEPTED_BY))
+    @pytest.mark.parametrize("which", ["fp", "spki"])
+    async def test_control_the_exact_digest_passes(self, certs, ca_issued, backend, server_service, setup, which):
+        pair, kw = ACCEPTED_BY[setup](certs, ca_issued)
+        svc = await server_service("tls", backend.endpoint, **kw,
+                                   allow_fingerprints=certproxy.Pins.parse([getattr(pair, which)], "--allow-fingerprint"))
+        assert await asyncio.to_thread(smtplib_send, svc.port, "tls", client_ctx(certs, pair)) == {}
+        assert backend.connections == 1
+
+
+class TestOptionalStartTLSSpelling:
+    """--starttls-optional: a client asking for STARTTLS in any case gets the 220 and a handshake; it is
+    never taken for a client staying in clear and handed over to the untrusted backend."""
+
+    @pytest.mark.parametrize("client_cert", ["none", "optional"])
+    @pytest.mark.parametrize("verb", [b"starttls", b"StartTLS", b"STARTTLS"])
+    async def test_any_case_of_starttls_starts_tls(self, certs, server_service, sink, caplog, client_cert, verb):
+        caplog.set_level(logging.INFO, "certproxy")
+        trusted, untrusted = await sink("trusted.test", proxy=True), await sink("untrusted.test", proxy=True)
+        kw = {"allow": []} if client_cert == "none" else {}
+        svc = await server_service("starttls", trusted.endpoint if client_cert == "optional" else None,
+                                   client_cert=client_cert, starttls_optional=True, proxy_protocol="v1",
+                                   untrusted_backend=certproxy.Endpoint.parse(untrusted.endpoint, "--untrusted-backend"),
+                                   **kw)
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        assert (await read_reply(reader)).startswith(b"220 mx.certproxy.test ")
+        writer.write(b"EHLO laptop.test\r\n")
+        assert b"STARTTLS" in await read_reply(reader)
+        writer.write(verb + b"\r\n")
+        assert (await read_reply(reader)).startswith(b"220 ")
+        await writer.start_tls(client_ctx(certs), server_hostname="localhost")
+        writer.write(b"EHLO laptop.test\r\n")
+        assert (await read_reply(reader)).startswith(b"250-untrusted.test\r\n")
+        writer.write(b"QUIT\r\n")
+        assert (await read_reply(reader)).startswith(b"221 ")
+        writer.close()
+        line = await session_line(caplog)
+        assert "tls=starttls " in line and "outcome=ok" in line and f"backend={untrusted.endpoint}" in line, line
+        assert trusted.connections == 0 and untrusted.connections == 1
+        assert b"starttls" not in bytes(untrusted.received).lower()
+        assert bytes(untrusted.received) == b"EHLO laptop.test\r\nQUIT\r\n"  # only what was said inside TLS
 
 
 class TestStartTLSInjection:
@@ -203,9 +316,9 @@ class TestStartTLSInjection:
         writer.close()
         assert rest.endswith(b"421 4.7.0 pipelined data after STARTTLS; closing\r\n")
         assert b"220 2.0.0" not in rest
-        await asyncio.sleep(0.1)
+        line = await session_line(caplog)
         assert backend.connections == 0
-        assert "CVE-2011-0411" in (await session_line(caplog))
+        assert "CVE-2011-0411" in line
 
 
 class TestPreTLSDialogue:
@@ -218,7 +331,8 @@ class TestPreTLSDialogue:
         writer.close()
         return replies
 
-    async def test_dialogue(self, certs, backend, server_service):
+    async def test_dialogue(self, certs, backend, server_service, caplog):
+        caplog.set_level(logging.INFO, "certproxy")
         svc = await server_service("starttls", backend.endpoint)
         greeting, ehlo, mail, arg, noop, rset, helo, quit_ = await self._talk(
             svc.port, b"EHLO laptop.test\r\n", b"MAIL FROM:<a@b>\r\n", b"STARTTLS now\r\n", b"NOOP\r\n",
@@ -229,6 +343,7 @@ class TestPreTLSDialogue:
         assert arg.startswith(b"501 5.5.4 ")
         assert noop.startswith(b"250 ") and rset.startswith(b"250 ") and helo == b"250 mx.certproxy.test\r\n"
         assert quit_.startswith(b"221 ")
+        await session_line(caplog)
         assert backend.connections == 0
 
     async def test_long_line(self, certs, backend, server_service):
@@ -266,7 +381,7 @@ class TestPreTLSDialogue:
             if reader.at_eof():
                 closed = True
                 break
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the scenario: a slowloris client trickles one byte at a time
         try:
             data = await asyncio.wait_for(reader.read(), 5)
         except ConnectionError:  # our trickle after the server's close: a reset is fair
@@ -314,17 +429,23 @@ class TestNoLeftovers:
             with smtplib.SMTP("127.0.0.1", cli.port, timeout=30) as s:
                 return s.sendmail("a@laptop.test", ["b@example.net"], MESSAGE)
 
+        def leftovers() -> int:  # a count: a list of them would itself keep them alive
+            return sum(isinstance(o, (certproxy._Pump, certproxy._Splice)) for o in gc.get_objects())
+
         gc.collect()
         gc.disable()
         try:
             for i in range(5):
                 assert await asyncio.to_thread(send) == {}
             await session_line(caplog, count=10)
-            await asyncio.sleep(0.3)
-            left = [o for o in gc.get_objects() if isinstance(o, (certproxy._Pump, certproxy._Splice))]
+            # The last session line is logged a moment before its task unwinds: wait (with a deadline)
+            # until nothing of the sessions is left, then assert. The collector stays off throughout.
+            deadline = asyncio.get_running_loop().time() + 5
+            while (left := leftovers()) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
         finally:
             gc.enable()
-        assert left == [], f"{len(left)} pumps/splices kept alive after their sessions ended"
+        assert left == 0, f"{left} pumps/splices kept alive after their sessions ended"
 
 
 def test_demo_exits_zero():

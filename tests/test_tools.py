@@ -121,7 +121,7 @@ class TestProbe:
         assert "asked for a client certificate: yes" in r.stdout
         assert "TLSv1.3" in r.stdout and "subject  CN=mx.certproxy.test" in r.stdout
 
-    def test_probe_of_a_server_without_starttls(self, tmp_path):
+    def test_probe_of_a_closed_port_exits_1_with_connection_refused(self, tmp_path):
         r = cli("probe", f"127.0.0.1:{free_port()}")
         assert r.returncode == 1 and "connection refused" in r.stderr and "Traceback" not in r.stderr
 
@@ -138,9 +138,12 @@ class TestExpiryWatch:
                                           mode=certproxy.TLSMode.STARTTLS),),
             cert=str(tmp_path / "c.pem"), key=str(tmp_path / "c.key"), pins=certproxy.Pins.parse(["AB" * 32], "--pin")))
         await svc.start()
-        await asyncio.sleep(0.1)
-        await svc.stop()
-        lines = [r for r in caplog.records if r.getMessage().startswith("certificate ")]
+        try:  # the watch runs as a task of the service: wait for its first word, with a deadline
+            async with asyncio.timeout(10):
+                while not (lines := [r for r in caplog.records if r.getMessage().startswith("certificate ")]):
+                    await asyncio.sleep(0.02)
+        finally:
+            await svc.stop()
         assert lines and lines[0].levelno == logging.WARNING and "option=--cert" in lines[0].getMessage()
         assert "expires in 4 days" in lines[0].getMessage() or "expires in 5 days" in lines[0].getMessage()
 

@@ -3693,6 +3693,7 @@ class _Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one that came while starting: now
         await stop
         if self._reloading is not None:
             await asyncio.gather(self._reloading, return_exceptions=True)
@@ -3755,9 +3756,9 @@ def _raise_open_files_limit() -> None:
 
 
 def _supervise(loader, grace: float, workers: int = 1) -> int:
-    # A reload asked for while we are still starting must not kill us (SIGHUP's default action):
-    # ignored until the supervisor's own handler is in place.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A reload asked for while we are still starting must neither kill us (SIGHUP's default action) nor
+    # be lost: blocked (kept pending) until the supervisor's own handler is in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     services = loader()  # configuration errors surface here, before anything listens
     _raise_open_files_limit()
     if workers > 1:
@@ -3803,10 +3804,9 @@ def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -
             return pid
         code = 1
         try:  # the worker: a process of its own from here on, with its own handlers before any signal
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its supervisor handles it
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask | {signal.SIGHUP})  # SIGHUP: kept for its supervisor
             _WORKER, _REUSE_PORT = number, True
             first = [pinned]
             code = _supervise(lambda: (first.pop() if first else loader)(), grace)
@@ -3832,6 +3832,7 @@ def _run_workers(loader, grace: float, n: int, services: dict[str, _Listener]) -
 
     for sig in handled:
         signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # blocked by _supervise until now
     for number in range(1, n + 1):
         if state["stopping"]:  # a SIGTERM during start-up: start no more
             break

@@ -131,13 +131,19 @@ class TestProxyHeaderFromOutside:
     """A PROXY header from an address outside --proxy-from is a stranger's bytes: never believed, and
     the MTA is told the real address."""
 
-    async def test_starttls_port(self, certs, server_service, sink, caplog):
+    @staticmethod
+    async def start(mode, server_service, sink, caplog):
+        """A server that takes PROXY headers from 10.0.0.0/8 only, and a client on 127.0.0.1 sending one."""
         caplog.set_level(logging.INFO, "certproxy")
         backend = await sink("backend.test", proxy=True)
-        svc = await server_service("starttls", backend.endpoint, proxy_protocol="v1",
+        svc = await server_service(mode, backend.endpoint, proxy_protocol="v1",
                                    proxy_from=(certproxy.ipaddress.ip_network("10.0.0.0/8"),))
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
         writer.write(b"PROXY TCP4 203.0.113.9 127.0.0.1 4444 25\r\n")
+        return backend, reader, writer
+
+    async def test_starttls_port(self, certs, server_service, sink, caplog):
+        backend, reader, writer = await self.start("starttls", server_service, sink, caplog)
         assert (await read_reply(reader)).startswith(b"220 ")
         assert (await read_reply(reader)).startswith(b"530 5.7.0")  # a command in clear, refused
         writer.write(b"EHLO laptop.test\r\n")
@@ -156,12 +162,7 @@ class TestProxyHeaderFromOutside:
         assert "via=" not in line and "peer=127.0.0.1:" in line, line
 
     async def test_implicit_tls_port(self, certs, server_service, sink, caplog):
-        caplog.set_level(logging.INFO, "certproxy")
-        backend = await sink("backend.test", proxy=True)
-        svc = await server_service("tls", backend.endpoint, proxy_protocol="v1",
-                                   proxy_from=(certproxy.ipaddress.ip_network("10.0.0.0/8"),))
-        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
-        writer.write(b"PROXY TCP4 203.0.113.9 127.0.0.1 4444 465\r\n")
+        backend, reader, writer = await self.start("tls", server_service, sink, caplog)
         answer = await reader.read()  # a TLS alert at most, then the end
         writer.close()
         assert b"220" not in answer and not answer.startswith(b"PROXY"), answer

@@ -179,23 +179,48 @@ class Endpoint:
 
 
 _FP_PREFIX = re.compile(r"^(?:sha-?256)(?:\s*fingerprint)?\s*[:=]?\s*", re.IGNORECASE)
+_B64_PIN = re.compile(r'^(?:sha256//|pin-sha256\s*=\s*"?)?([A-Za-z0-9+/]{43}=?)"?;?$', re.IGNORECASE)
+_OTHER_HASHES = {20: "SHA-1", 16: "MD5"}  # digest sizes people paste by mistake
 
 
 def parse_fingerprint(text: str) -> bytes:
     """A SHA-256 fingerprint in any spelling people paste, as 32 bytes.
 
-    Accepts ``AB:CD:...`` (openssl, Postfix), plain hex in any case (Exim), and a ``sha256:``,
-    ``SHA256=`` or ``sha256 Fingerprint=`` prefix. Raises ValueError otherwise.
+    Accepts ``AB:CD:...`` (openssl, Postfix), plain hex in any case (Exim), a ``sha256:``, ``SHA256=``
+    or ``sha256 Fingerprint=`` prefix, and base64 (curl's ``sha256//BASE64``, HPKP's
+    ``pin-sha256="BASE64"``, or bare). A SHA-1 or MD5 fingerprint is named as such. Raises ValueError.
     """
-    s = _FP_PREFIX.sub("", text.strip())
+    import base64
+    import binascii
+
+    raw = text.strip()
+    b64 = _B64_PIN.fullmatch(raw)
+    if b64 and not re.fullmatch(r"[0-9A-Fa-f]{43}=?", b64.group(1)):
+        try:
+            digest = base64.b64decode(b64.group(1) + "=" * (-len(b64.group(1)) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            digest = b""
+        if len(digest) == 32:
+            return digest
+    s = _FP_PREFIX.sub("", raw)
     if ":" in s:
         parts = s.split(":")
+        if all(re.fullmatch(r"[0-9A-Fa-f]{2}", p) for p in parts) and len(parts) in _OTHER_HASHES:
+            raise ValueError(_wrong_hash(text, _OTHER_HASHES[len(parts)]))
         if len(parts) != 32 or not all(re.fullmatch(r"[0-9A-Fa-f]{2}", p) for p in parts):
             raise ValueError(f"{text!r} is not a SHA-256 fingerprint (32 hex pairs separated by ':')")
         s = "".join(parts)
+    if re.fullmatch(r"[0-9A-Fa-f]+", s) and len(s) // 2 in _OTHER_HASHES and len(s) % 2 == 0:
+        raise ValueError(_wrong_hash(text, _OTHER_HASHES[len(s) // 2]))
     if not re.fullmatch(r"[0-9A-Fa-f]{64}", s):
-        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, ':' optional)")
+        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, ':' optional, or base64)")
     return bytes.fromhex(s)
+
+
+def _wrong_hash(text: str, name: str) -> str:
+    article = "an" if name.startswith("MD") else "a"
+    return (f"{text!r} is {article} {name} fingerprint; certproxy needs the SHA-256 one: "
+            "openssl x509 -in CERT -noout -fingerprint -sha256, or certproxy fingerprint CERT")
 
 
 def format_fingerprint(digest: bytes) -> str:

@@ -1,0 +1,47 @@
+"""Every mistake answered with its fix (issue 14, the points done so far): each test shows the exact
+message an operator meets."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import certproxy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "certproxy.py"), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+class TestPinSpellings:
+    DIGEST = hashlib.sha256(b"a certificate").digest()
+    B64 = base64.b64encode(DIGEST).decode()
+
+    @pytest.mark.parametrize("text", [B64, B64.rstrip("="), f"sha256//{B64}", f'pin-sha256="{B64}"',
+                                      f'pin-sha256="{B64}";', DIGEST.hex(), DIGEST.hex().upper(),
+                                      certproxy.format_fingerprint(DIGEST), f"SHA256 Fingerprint={DIGEST.hex(':')}"])
+    def test_every_spelling_people_paste(self, text):
+        assert certproxy.parse_fingerprint(text) == self.DIGEST
+
+    @pytest.mark.parametrize("text, name", [
+        (hashlib.sha1(b"x").hexdigest(), "a SHA-1"), (hashlib.sha1(b"x").digest().hex(":").upper(), "a SHA-1"),
+        (hashlib.md5(b"x").hexdigest(), "an MD5"), (hashlib.md5(b"x").digest().hex(":"), "an MD5")])
+    def test_the_wrong_hash_is_named(self, text, name):
+        with pytest.raises(ValueError) as e:
+            certproxy.parse_fingerprint(text)
+        assert str(e.value) == (f"{text!r} is {name} fingerprint; certproxy needs the SHA-256 one: "
+                                "openssl x509 -in CERT -noout -fingerprint -sha256, or certproxy fingerprint CERT")
+
+    def test_on_the_command_line(self, certs):
+        r = cli("client", "--upstream", "mx.example.org:587", "--cert", str(certs.client.cert),
+                "--key", str(certs.client.key), "--pin", hashlib.sha1(b"x").hexdigest())
+        assert r.returncode == 2 and "--pin: " in r.stderr and "is a SHA-1 fingerprint" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

@@ -2253,6 +2253,16 @@ def _port_problem(ep: Endpoint) -> str:
     return ""
 
 
+# What to do about a configured certificate that expires, by the option that names it: only the
+# service's own certificate is the operator's to renew.
+_EXPIRY_ACTIONS = {
+    "--allow": "ask its owner for a renewed certificate and put that in --allow; until then that client is "
+               "refused, everyone else is served",
+    "--client-ca": "renew the CA (certproxy ca init) and re-issue its certificates; until then its clients are refused",
+    "--ca": "get the mail server's new CA bundle; until then the upstream is refused unless a --pin matches",
+}
+
+
 class _Listener:
     """What both services share: a listening socket, an accept loop with a connection limit, the live
     sessions, and the one driver that runs a session's phases and writes its line. The settings (a
@@ -2318,8 +2328,8 @@ class _Listener:
                     if problem:
                         level = logging.ERROR if problem.startswith("EXPIRED") else logging.WARNING
                         _log_event(level, "certificate", service=self.service_name, option=option, file=path,
-                                   subject=certificate_subject(der), problem=problem,
-                                   action="renew it (certproxy gencert ... --force)")
+                                   subject=certificate_subject(der), problem=problem, action=_EXPIRY_ACTIONS.get(
+                                       option, "renew it (certproxy gencert NAME --force) and reload"))
             await asyncio.sleep(86400)
 
     async def _listen(self) -> None:
@@ -3606,14 +3616,32 @@ def _table_to_argv(table: dict) -> list[str]:
     return argv
 
 
-def _raise_usage(where: str):
+def _raise_usage(where: str, parser: argparse.ArgumentParser):
     def error(message: str):
+        import difflib
+
         m = re.search(r"argument (--[\w-]+)", message)
         option = m.group(1) if m else "option"
         message = re.sub(r"^argument [^:]+: ", "", message)
-        message = message.replace("unrecognized arguments: ", "unknown option(s): ")
+        if message.startswith("unrecognized arguments: "):
+            known = [o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--")]
+            unknown = [w[2:] for w in message.split()[2:] if w.startswith("--")]
+            option = f"--{unknown[0]}" if unknown else option
+            hints = [f"{u} -> {close[0]}" for u in unknown if (close := difflib.get_close_matches(u, known, 1))]
+            message = f"unknown key(s) {', '.join(unknown)}" + (f" (did you mean: {'; '.join(hints)}?)" if hints else "")
         raise _ConfigFileError(f"{where} {option}", message)
     return error
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration errors at once (every service of a file is checked)."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        super().__init__(errors[0].option, "; ".join(str(e) for e in errors))
+        self.errors = errors
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
 
 
 def load_config(path: str, text: bytes | None = None) -> dict[str, _Listener]:
@@ -3639,46 +3667,74 @@ def load_config(path: str, text: bytes | None = None) -> dict[str, _Listener]:
     parser = _build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     services: dict[str, _Listener] = {}
+    errors: list[ConfigError] = []  # every service is checked: all the errors at once
+    seen: set[str] = set()
     for kind in ("client", "server"):
         for name, table in doc.get(kind, {}).items():
             where = f"{path} [{kind}.{name}]"
-            if not isinstance(table, dict):
-                raise ConfigError(where, "must be a table")
-            if name in services:
-                raise ConfigError(where, "a service of this name is defined twice")
-            for key in ("workers", "grace"):
-                if key in table:
-                    raise ConfigError(f"{where} --{key}", f"applies to the whole process: give it on the command "
-                                                         f"line, certproxy run --{key} ... {path}")
-            sub = subparsers[kind]
-            sub.error = _raise_usage(where)
             try:
-                args = sub.parse_args(_table_to_argv(table))
-                args.name = name
-                cfg = client_config_from_args(args) if kind == "client" else server_config_from_args(args)
-                services[name] = ClientService(cfg) if kind == "client" else ServerService(cfg)
-            except _ConfigFileError:
-                raise
+                services[name] = _load_service(kind, name, table, where, path, seen, subparsers[kind])
             except ConfigError as e:
-                raise ConfigError(f"{where} {e.option}", str(e).split(": ", 1)[1]) from None
+                errors.append(e)
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     if not services:
         raise ConfigError(path, "defines no service: add a [client.NAME] or [server.NAME] table")
     return services
 
 
-def check_services(services: dict[str, _Listener]) -> list[str]:
-    """What ``check`` adds to loading: expired certificates and listen addresses already in use."""
-    problems = []
+def _load_service(kind: str, name: str, table: object, where: str, path: str, seen: set[str],
+                  sub: argparse.ArgumentParser) -> _Listener:
+    if not isinstance(table, dict):
+        raise ConfigError(where, "must be a table")
+    if name in seen:
+        raise ConfigError(where, "a service of this name is defined twice")
+    seen.add(name)
+    for key in ("workers", "grace"):
+        if key in table:
+            raise ConfigError(f"{where} --{key}", f"applies to the whole process: give it on the command "
+                                                 f"line, certproxy run --{key} ... {path}")
+    sub.error = _raise_usage(where, sub)
+    try:
+        args = sub.parse_args(_table_to_argv(table))
+        args.name = name
+        cfg = client_config_from_args(args) if kind == "client" else server_config_from_args(args)
+        return ClientService(cfg) if kind == "client" else ServerService(cfg)
+    except _ConfigFileError:
+        raise
+    except ConfigError as e:
+        raise ConfigError(f"{where} {e.option}", str(e).split(": ", 1)[1]) from None
+
+
+def check_services(services: dict[str, _Listener]) -> tuple[list[str], list[str]]:
+    """What ``check`` adds to loading: (errors, notes). An expired certificate of the service's own is
+    an error; an expired client certificate in --allow (or CA) is a note: that one client is refused,
+    everyone else served. A listen address in use is a note (it may be this very service, running);
+    one that is not this machine's is an error."""
+    import errno as errnos
+
+    errors, notes = [], []
     for name, svc in services.items():
         for option, path in svc._certificate_files():
             for der in _pem_to_der(path):
                 problem = expiry_problem(der)
-                if problem and problem.startswith("EXPIRED"):
-                    problems.append(f"[{name}] {option}: {path} {problem}")
-        problem = _port_problem(svc.listen)
-        if problem:
-            problems.append(f"[{name}] --listen: {problem}")
-    return problems
+                if not problem or not problem.startswith("EXPIRED"):
+                    continue
+                if option == "--cert":
+                    errors.append(f"[{name}] --cert: {path} {problem}: renew it (certproxy gencert NAME --force)")
+                else:
+                    notes.append(f"[{name}] {option}: {path} ({certificate_subject(der)}) {problem}: it is refused "
+                                 f"until its owner sends a renewed one; everyone else is served")
+        try:
+            _listening_socket(svc.listen).close()
+        except OSError as e:
+            line = f"[{name}] --listen: {_cannot_listen(svc.listen, e)}"
+            if e.errno in (errnos.EADDRINUSE, errnos.EACCES):
+                notes.append(line + (" (fine if it is this service, running)" if e.errno == errnos.EADDRINUSE
+                                     else " (fine if the service runs as root or with CAP_NET_BIND_SERVICE)"))
+            else:
+                errors.append(line)
+    return errors, notes
 
 
 class _Supervisor:
@@ -3948,7 +4004,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     services = load_config(args.config)
-    problems = check_services(services)
+    problems, notes = check_services(services)
+    for note in notes:
+        print(f"certproxy: note: {args.config} {note}", file=sys.stderr)
     for problem in problems:
         print(f"certproxy: error: {args.config} {problem}", file=sys.stderr)
     if problems:
@@ -3972,7 +4030,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"certproxy: error: {e}", file=sys.stderr)
+        for error in getattr(e, "errors", [e]):
+            print(f"certproxy: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

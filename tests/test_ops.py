@@ -40,7 +40,9 @@ class TestConfigErrors:
         ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"{client}\"\npin = [\"zz\"]\n",
          "[client.laptop] --pin: 'zz' is not a SHA-256 fingerprint"),
         ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"{client}\"\npin = [\"{fp}\"]\nfrobnicate = 1\n",
-         "[client.laptop] option: unknown option(s): --frobnicate 1"),
+         "[client.laptop] --frobnicate: unknown key(s) frobnicate"),
+        ("[server.mx]\ntls = true\nbackend = \"127.0.0.1:25\"\ncert = \"{client}\"\nalow = [\"{client}\"]\n",
+         "[server.mx] --alow: unknown key(s) alow (did you mean: alow -> allow?)"),
         ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"/nonexistent.pem\"\npin = [\"{fp}\"]\n",
          "[client.laptop] --cert: cannot read '/nonexistent.pem'"),
         ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"{client}\"\nkey = \"{other_key}\"\npin = [\"{fp}\"]\n",
@@ -66,13 +68,26 @@ class TestConfigErrors:
         assert f"certproxy: error: {conf}" in r.stderr and expected in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
 
-    def test_port_in_use(self, tmp_path, certs):
+    def test_port_in_use_is_a_note(self, tmp_path, certs):
+        """check on the configuration of the running service (edit, check, reload) must not fail on
+        the service's own port."""
         busy = socket.create_server(("127.0.0.1", 0))
         conf = tmp_path / "c.toml"
         conf.write_text(server_table(certs, busy.getsockname()[1], 25, name="mx"))
         r = cli("check", str(conf))
         busy.close()
-        assert r.returncode == 2 and "[mx] --listen: cannot listen on" in r.stderr, r.stderr
+        assert r.returncode == 0 and "certproxy: note: " in r.stderr and "[mx] --listen: cannot listen on" in r.stderr \
+            and "(fine if it is this service, running)" in r.stderr, r.stderr
+
+    def test_every_error_at_once(self, tmp_path, certs):
+        conf = tmp_path / "c.toml"
+        conf.write_text(server_table(certs, free_port(), 25, name="one", max_per_ip=-1)
+                        + server_table(certs, free_port(), 25, name="two", max_connections=0))
+        r = cli("check", str(conf))
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 2 and "[server.one] --max-per-ip: must be 0" in lines[0], lines
+        assert "[server.two] --max-connections: must be at least 1" in lines[1], lines
 
     def test_expired_certificate(self, tmp_path, certs):
         import datetime
@@ -97,6 +112,14 @@ class TestConfigErrors:
                         .replace(str(certs.server.key), str(tmp_path / "old.key")))
         r = cli("check", str(conf))
         assert r.returncode == 2 and f"[mx] --cert: {tmp_path / 'old.pem'} EXPIRED on" in r.stderr, r.stderr
+        assert "renew it (certproxy gencert NAME --force)" in r.stderr
+        # One client's expired certificate in --allow never takes the service down: a note, exit 0.
+        conf.write_text(server_table(certs, free_port(), 25, name="mx").replace(
+            f'allow = ["{certs.client.cert}"]', f'allow = ["{certs.client.cert}", "{tmp_path / "old.pem"}"]'))
+        r = cli("check", str(conf))
+        assert r.returncode == 0, r.stderr
+        assert f"certproxy: note: {conf} [mx] --allow: {tmp_path / 'old.pem'} (CN=expired) EXPIRED on" in r.stderr
+        assert "it is refused until its owner sends a renewed one; everyone else is served" in r.stderr, r.stderr
 
     def test_good_config(self, tmp_path, certs):
         conf = tmp_path / "c.toml"

@@ -3389,8 +3389,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="certproxy", description="SMTP-aware mutual-TLS proxy with certificate pinning.")
     p.add_argument("--version", action="version", version=f"certproxy {__version__}")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
+    _add_log_options(p, None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("client", help="laptop side: plain SMTP in, pinned mutual TLS out")
@@ -3508,7 +3507,32 @@ def _build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fingerprint", help="fingerprints, subject, issuer, SANs and expiry of certificates")
     f.add_argument("files", nargs="+", metavar="FILE")
     f.set_defaults(func=_cmd_fingerprint)
+    for command in sub.choices.values():  # the log options after the command too
+        if not any("--log-level" in a.option_strings for a in command._actions):
+            _add_log_options(command, argparse.SUPPRESS)
     return p
+
+
+LOG_LEVELS, LOG_FORMATS = ("debug", "info", "warning", "error"), ("text", "json")
+
+
+def _add_log_options(p: argparse.ArgumentParser, default) -> None:
+    """--log-level / --log-format, before the command or after it (``default`` SUPPRESS there, so that
+    only a value given overrides), or as top-level keys of a config file."""
+    p.add_argument("--log-level", default=default, choices=LOG_LEVELS, help="default info")
+    p.add_argument("--log-format", default=default, choices=LOG_FORMATS, help="json: one object per line (default text)")
+
+
+def _file_log_options(path: str) -> dict[str, str]:
+    """``log-level`` / ``log-format`` at the top of a config file (errors there are load_config's to report)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    return {k: v for k, v in doc.items() if k in ("log-level", "log-format") and isinstance(v, str)}
 
 
 def _add_service_options(p: argparse.ArgumentParser) -> None:
@@ -3661,7 +3685,11 @@ def load_config(path: str, text: bytes | None = None) -> dict[str, _Listener]:
         raise ConfigError(path, "not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, f"not valid TOML: {e}") from None
-    unknown = set(doc) - {"client", "server"}
+    for key in ("log-level", "log-format"):
+        allowed = LOG_LEVELS if key == "log-level" else LOG_FORMATS
+        if key in doc and doc[key] not in allowed:
+            raise ConfigError(f"{path} {key}", f"{doc[key]!r}: expected one of {', '.join(allowed)}")
+    unknown = set(doc) - {"client", "server", "log-level", "log-format"}
     if unknown:
         raise ConfigError(path, f"unknown table(s) {', '.join(sorted(unknown))}: use [client.NAME] or [server.NAME]")
     parser = _build_parser()
@@ -3690,10 +3718,11 @@ def _load_service(kind: str, name: str, table: object, where: str, path: str, se
     if name in seen:
         raise ConfigError(where, "a service of this name is defined twice")
     seen.add(name)
-    for key in ("workers", "grace"):
+    for key in ("workers", "grace", "log-level", "log-format"):
         if key in table:
-            raise ConfigError(f"{where} --{key}", f"applies to the whole process: give it on the command "
-                                                 f"line, certproxy run --{key} ... {path}")
+            where_instead = f"at the top of {path}, before any table" if key.startswith("log") else \
+                f"on the command line, certproxy run --{key} ... {path}"
+            raise ConfigError(f"{where} --{key}", f"applies to the whole process: give it {where_instead}")
     sub.error = _raise_usage(where, sub)
     try:
         args = sub.parse_args(_table_to_argv(table))
@@ -4018,10 +4047,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    # The command line (before or after the command) wins over the config file's top-level keys.
+    in_file = _file_log_options(args.config) if getattr(args, "config", None) else {}
+    log_level = args.log_level or in_file.get("log-level", "info")
+    log_format = args.log_format or in_file.get("log-format", "text")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if args.log_format == "json" else
+    handler.setFormatter(_JsonFormatter() if log_format == "json" else
                          logging.Formatter("%(asctime)s certproxy %(levelname)s %(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
     # One line per session is the hot path of logging: skip what our lines never show (the caller's
     # file and line, a stack walk; the process id, a system call; thread and task names).
     logging._srcfile = None

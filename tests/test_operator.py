@@ -45,3 +45,45 @@ class TestPinSpellings:
                 "--key", str(certs.client.key), "--pin", hashlib.sha1(b"x").hexdigest())
         assert r.returncode == 2 and "--pin: " in r.stderr and "is a SHA-1 fingerprint" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+class TestLogOptionsWhereverTheyAre:
+    """--log-format / --log-level before the command, after it, or at the top of the config file."""
+
+    @pytest.mark.parametrize("where", ["before", "after", "file"])
+    def test_json_lines_from_each_place(self, tmp_path, certs, where):
+        import json
+
+        from realpeers import Process, free_port
+        from test_ops import server_table
+
+        port = free_port()
+        conf = tmp_path / "c.toml"
+        conf.write_text(('log-format = "json"\nlog-level = "info"\n' if where == "file" else "")
+                        + server_table(certs, port, 25))
+        args = {"before": ["--log-format", "json", "run", str(conf)], "after": ["run", str(conf), "--log-format", "json"],
+                "file": ["run", str(conf)]}[where]
+        proc = Process([sys.executable, str(ROOT / "certproxy.py"), *args], port, tmp_path / "run.log")
+        try:
+            text = proc.wait_log("listening")
+        finally:
+            proc.stop()
+        first = json.loads(text.splitlines()[0])
+        assert first["event"] == "listening" and first["service"] == "smtps", text
+
+    def test_inside_a_table_is_named(self, tmp_path, certs):
+        from test_ops import server_table
+
+        conf = tmp_path / "c.toml"
+        conf.write_text(server_table(certs, 2465, 25) + 'log-format = "json"\n')
+        r = cli("check", str(conf))
+        assert r.returncode == 2 and f"[server.smtps] --log-format: applies to the whole process: give it at the " \
+            f"top of {conf}, before any table" in r.stderr, r.stderr
+
+    def test_a_wrong_value_in_the_file_is_named(self, tmp_path, certs):
+        from test_ops import server_table
+
+        conf = tmp_path / "c.toml"
+        conf.write_text('log-format = "xml"\n' + server_table(certs, 2465, 25))
+        r = cli("check", str(conf))
+        assert r.returncode == 2 and f"{conf} log-format: 'xml': expected one of text, json" in r.stderr, r.stderr

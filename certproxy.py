@@ -649,10 +649,52 @@ def _tls_context(server: bool) -> SSL.Context:
     return ctx
 
 
+def _read_file(path: str, option: str) -> bytes:
+    """A file's bytes, or a ConfigError that says why not (missing, permissions, a directory)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(option, f"{path!r} does not exist") from None
+    except PermissionError:
+        raise ConfigError(option, f"cannot read {path!r}: permission denied for user {_user()}; give that user "
+                                  "read access (chmod/chown), or point to a copy it can read") from None
+    except IsADirectoryError:
+        raise ConfigError(option, f"{path!r} is a directory, not a PEM file") from None
+    except OSError as e:
+        raise ConfigError(option, f"cannot read {path!r}: {e.strerror or e}") from None
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
+
+
 def _load_identity(ctx: SSL.Context, cert: str, key: str | None) -> None:
-    for option, path in (("--cert", cert), ("--key", key)):
-        if path is not None and not os.access(path, os.R_OK):
-            raise ConfigError(option, f"cannot read {path!r}")
+    """Our certificate (with its chain) and key, every mistake named: missing, unreadable, swapped,
+    encrypted, or not belonging together."""
+    cert_pem = _read_file(cert, "--cert")
+    key_pem = _read_file(key, "--key") if key else cert_pem
+    if b"CERTIFICATE-----" not in cert_pem:
+        swapped = b"PRIVATE KEY-----" in cert_pem
+        raise ConfigError("--cert", f"{cert!r} holds " + ("a private key, not a certificate: are --cert and --key "
+                                                           "swapped?" if swapped else "no PEM certificate"))
+    if b"PRIVATE KEY-----" not in key_pem:
+        if not key:
+            raise ConfigError("--key", f"{cert!r} holds no private key: give the key with --key FILE")
+        swapped = b"CERTIFICATE-----" in key_pem
+        raise ConfigError("--key", f"{key!r} holds " + ("a certificate, not a private key: are --cert and --key "
+                                                         "swapped?" if swapped else "no PEM private key"))
+    if b"ENCRYPTED" in key_pem:
+        where = key or cert
+        raise ConfigError("--key" if key else "--cert",
+                          f"the key in {where!r} is encrypted (it has a passphrase) and certproxy runs unattended: "
+                          f"decrypt it once with  openssl pkey -in {where} -out {where}.plain  and use that "
+                          "(mode 0600)")
     try:
         ctx.use_certificate_chain_file(cert)
     except SSL.Error as e:

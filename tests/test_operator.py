@@ -87,3 +87,42 @@ class TestLogOptionsWhereverTheyAre:
         conf.write_text('log-format = "xml"\n' + server_table(certs, 2465, 25))
         r = cli("check", str(conf))
         assert r.returncode == 2 and f"{conf} log-format: 'xml': expected one of text, json" in r.stderr, r.stderr
+
+
+class TestKeyAndCertificateErrors:
+    """Each mistake with a key or certificate named, never '[SSL] PEM lib'."""
+
+    @pytest.fixture
+    def files(self, tmp_path, certs):
+        from cryptography.hazmat.primitives import serialization
+
+        key = serialization.load_pem_private_key(certs.client.key.read_bytes(), None)
+        enc = tmp_path / "enc.key"
+        enc.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.BestAvailableEncryption(b"secret")))
+        return {"cert": str(certs.client.cert), "key": str(certs.client.key), "other_key": str(certs.other_client.key),
+                "enc": str(enc), "missing": str(tmp_path / "nope.pem"), "dir": str(tmp_path)}
+
+    @pytest.mark.parametrize("cert, key, expected", [
+        ("cert", None, "--key: '{cert}' holds no private key: give the key with --key FILE"),
+        ("key", "cert", "--cert: '{key}' holds a private key, not a certificate: are --cert and --key swapped?"),
+        ("cert", "cert", "--key: '{cert}' holds a certificate, not a private key: are --cert and --key swapped?"),
+        ("cert", "other_key", "--key: the key '{other_key}' does not belong to the certificate '{cert}'"),
+        ("cert", "enc", "--key: the key in '{enc}' is encrypted (it has a passphrase) and certproxy runs unattended: "
+                        "decrypt it once with  openssl pkey -in {enc} -out {enc}.plain  and use that (mode 0600)"),
+        ("missing", "key", "--cert: '{missing}' does not exist"),
+        ("dir", "key", "--cert: '{dir}' is a directory, not a PEM file"),
+    ])
+    def test_named(self, files, cert, key, expected):
+        argv = ["client", "--upstream", "mx.example.org:587", "--pin", "AA" * 32, "--cert", files[cert]]
+        r = cli(*argv, *(["--key", files[key]] if key else []))
+        assert r.returncode == 2 and r.stderr == f"certproxy: error: {expected.format(**files)}\n", r.stderr
+
+    def test_unreadable_message(self, monkeypatch, tmp_path):
+        def denied(*a, **k):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr("builtins.open", denied)
+        with pytest.raises(certproxy.ConfigError) as e:
+            certproxy._read_file(str(tmp_path / "k.pem"), "--key")
+        assert str(e.value).startswith(f"--key: cannot read '{tmp_path / 'k.pem'}': permission denied for user ")

@@ -44,7 +44,7 @@ class TestConfigErrors:
         ("[server.mx]\ntls = true\nbackend = \"127.0.0.1:25\"\ncert = \"{client}\"\nalow = [\"{client}\"]\n",
          "[server.mx] --alow: unknown key(s) alow (did you mean: alow -> allow?)"),
         ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"/nonexistent.pem\"\npin = [\"{fp}\"]\n",
-         "[client.laptop] --cert: cannot read '/nonexistent.pem'"),
+         "[client.laptop] --cert: '/nonexistent.pem' does not exist"),
         ("[client.laptop]\nupstream = [\"mx:587\"]\ncert = \"{client}\"\nkey = \"{other_key}\"\npin = [\"{fp}\"]\n",
          "[client.laptop] --key: the key"),
         ("[server.mx]\ntls = true\nbackend = \"127.0.0.1:25\"\ncert = \"{server}\"\n",

@@ -3239,18 +3239,20 @@ async def _probe(args: argparse.Namespace) -> int:
             _abort_all(pump)
     ders = tls.peer_chain() or [tls.peer_der()]
     facts = tls.facts()
-    ca_names = [n.to_cryptography().rfc4514_string() if hasattr(n, "to_cryptography") else
-                "".join(f"/{k.decode()}={v.decode()}" for k, v in n.get_components())
-                for n in tls.conn.get_client_ca_list() or ()]
+    ca_names = [",".join(f"{k.decode()}={v.decode('utf-8', 'replace')}" for k, v in reversed(n.get_components()))
+                for n in tls.conn.get_client_ca_list() or ()]  # RFC 4514 order, as the log lines spell names
     accepted = ""
     if args.cert:  # does the server let us talk once it has seen our certificate?
         exchange = Exchange(b"" if mode is TLSMode.IMPLICIT else b"NOOP\r\n", keep=True)
         try:
             async with asyncio.timeout(10):
                 await _drive(pump, exchange)
-            accepted = f"the server answered inside TLS: {exchange.reply.code} {exchange.reply.lines[0]}"
+            said = f"{exchange.reply.code} {exchange.reply.lines[0]}"
+            accepted = f"REFUSED, the server says: {said}" if exchange.reply.code in (530, 554) else \
+                f"accepted (the server answered inside TLS: {said})" if exchange.reply.code // 100 == 2 else \
+                f"unclear, the server answered inside TLS: {said}"
         except (SessionError, TimeoutError, asyncio.TimeoutError) as e:
-            accepted = f"NO: the server ended the session after the handshake ({getattr(e, 'reason', 'timed out')})"
+            accepted = f"REFUSED: the server ended the session after the handshake ({getattr(e, 'reason', 'timed out')})"
     pump.close()
     _release(pump)
     print(f"{ep} ({mode.value})\n  TLS        {facts['tls_version']} {facts['cipher']}\n"

@@ -126,3 +126,83 @@ class TestKeyAndCertificateErrors:
         with pytest.raises(certproxy.ConfigError) as e:
             certproxy._read_file(str(tmp_path / "k.pem"), "--key")
         assert str(e.value).startswith(f"--key: cannot read '{tmp_path / 'k.pem'}': permission denied for user ")
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    """A private CA (Team CA) and two laptop certificates: one it issued, one self-signed."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from conftest import CertPair
+
+    d = tmp_path_factory.mktemp("team")
+    ca_pem, ca_key = certproxy.make_certificate("Team CA", ca=True)
+    (d / "ca.pem").write_bytes(ca_pem)
+    issuer = (x509.load_pem_x509_certificate(ca_pem), load_pem_private_key(ca_key, None))
+    out = {"ca": d / "ca.pem"}
+    for name, kw in (("alice", {"issuer": issuer}), ("stranger", {})):
+        cert, key = certproxy.make_certificate(name, usage="client", **kw)
+        (d / f"{name}.pem").write_bytes(cert)
+        (d / f"{name}.key").write_bytes(key)
+        out[name] = CertPair(d / f"{name}.pem", d / f"{name}.key")
+    return out
+
+
+class TestProbeWithACertificate:
+    """probe --cert/--key tells whether the server accepts that client certificate, and which CA names
+    it asked for, before anything is configured on the laptop."""
+
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    @pytest.mark.parametrize("who, verdict", [("alice", "accepted (the server answered inside TLS: "),
+                                              ("stranger", "REFUSED, the server says: ")])
+    async def test_verdict_and_ca_names(self, certs, team, server_service, sink, mode, who, verdict):
+        import asyncio
+
+        backend = await sink("backend.test")
+        svc = await server_service(mode, backend.endpoint, allow=[], client_ca=str(team["ca"]))
+        r = await asyncio.to_thread(cli, "probe", f"127.0.0.1:{svc.port}", f"--{mode}", "--cert",
+                                    str(team[who].cert), "--key", str(team[who].key))
+        assert r.returncode == 0, r.stderr
+        assert "asked for a client certificate: yes (CA names: CN=Team CA)" in r.stdout, r.stdout
+        assert f"our client certificate: {verdict}" in r.stdout, r.stdout
+        if who == "stranger":
+            assert "REFUSED, the server says: 554 5.7.1 certificate not authorised" in r.stdout, r.stdout
+
+
+class TestLaptopLearnsItWasRefused:
+    """When the server refuses the laptop's certificate, the laptop's own log says so, with the laptop's
+    fingerprint and what the server's admin must add; never outcome=ok, and the mail program gets a 421
+    (the message stays queued)."""
+
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    async def test_the_line_to_paste(self, certs, team, server_service, sink, caplog, mode):
+        import asyncio
+        import logging
+
+        from conftest import read_reply, session_line
+
+        caplog.set_level(logging.INFO, "certproxy")
+        backend = await sink("backend.test")
+        srv = await server_service(mode, backend.endpoint)  # allows certs.client only
+        ep = certproxy.Endpoint(host="127.0.0.1", port=srv.port)
+        cli_svc = certproxy.ClientService(certproxy.ClientConfig(
+            listen=certproxy.Endpoint(host="127.0.0.1", port=0),
+            upstreams=(certproxy.Upstream(endpoint=ep, mode=certproxy.upstream_mode(ep, mode == "starttls", mode == "tls")),),
+            cert=str(team["stranger"].cert), key=str(team["stranger"].key),
+            pins=certproxy.Pins.parse([certs.server.fp], "--pin"), server_name="localhost"))
+        await cli_svc.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", cli_svc.port)
+            assert await read_reply(reader) == b"421 4.7.0 upstream refused our client certificate\r\n"
+            writer.close()
+        finally:
+            await cli_svc.stop(grace=5)
+        fp = team["stranger"].fp
+        lines = [await session_line(caplog, i, count=2) for i in (0, 1)]
+        line = next(ln for ln in lines if "service=client" in ln)
+        assert "outcome=refused" in line and "outcome=ok" not in line, line
+        assert (f"the server refused our client certificate (554 5.7.1 certificate not authorised); our certificate "
+                f"is sha256 {fp}: the server's admin must allow it (certproxy server --allow-fingerprint {fp}, "
+                f"or Postfix relay_clientcerts '{fp} laptop')") in line, line
+        assert backend.connections == 0

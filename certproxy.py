@@ -3506,6 +3506,8 @@ def _build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
     k = sub.add_parser("check", help="validate a TOML config file without starting anything")
     k.add_argument("config", metavar="CONFIG.toml")
+    k.add_argument("--list", action="store_true",
+                   help="also print who may pass: every allowed certificate (name, fingerprint, expiry), CA and pin")
     k.set_defaults(func=_cmd_check)
 
     g = sub.add_parser("gencert", help="make a certificate and key, and print what to paste on the other side")
@@ -4086,7 +4088,48 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 2
     for name, svc in services.items():
         print(f"ok  [{name}] {type(svc).__name__.replace('Service', '').lower()} listen={svc.listen}")
+        if args.list:
+            print(_identities(svc))
     return 0
+
+
+def _identities(svc: _Listener) -> str:
+    """``check --list``: who may pass through ``svc`` (a server's allowed certificates and CAs, a
+    client's pins), one line each: name, SHA-256, expiry."""
+    from cryptography import x509
+
+    def line(what: str, name: str, fp: str, der: bytes | None) -> str:
+        until = ""
+        if der is not None:
+            not_after = _validity(x509.load_der_x509_certificate(der))[1]
+            problem = expiry_problem(der)
+            until = f"  until {not_after:%Y-%m-%d}" + (f"  {problem}" if problem else "")
+        return f"    {what:<18} {name:<24} {fp}{until}"
+
+    cfg, out = svc.cfg, []
+    if isinstance(svc, ClientService):
+        out += [line("--pin", "(server or its key)", format_fingerprint(d), None) for d in sorted(cfg.pins.digests)]
+        if cfg.ca:
+            out += [line("--ca", certificate_subject(der), format_fingerprint(cert_fingerprint(der)), der)
+                    for der in _pem_to_der(cfg.ca)]
+        return "\n".join(out) or "    (nothing: refuses every server)"
+    names = dict(cfg.allow_fingerprints.names)
+    for path in _allow_files(cfg.allow):
+        for der in _pem_to_der(path):
+            fp = cert_fingerprint(der)
+            name = names.get(fp) or names.get(spki_fingerprint(der)) or svc.policy.name(der)
+            out.append(line("--allow", name, format_fingerprint(fp), der))
+    if cfg.client_ca:
+        for der in _pem_to_der(cfg.client_ca):
+            out.append(line("--client-ca", "any it issued: " + certificate_subject(der),
+                            format_fingerprint(cert_fingerprint(der)), der))
+    if cfg.allow_fingerprints.digests:
+        out.append("    narrowed by --allow-fingerprint to:")
+        out += [line("", names.get(d, "(no name)"), format_fingerprint(d), None)
+                for d in sorted(cfg.allow_fingerprints.digests)]
+    if cfg.client_cert != "required":
+        out.append(f"    and everyone else to --untrusted-backend {cfg.untrusted_backend}")
+    return "\n".join(out) or "    (nobody)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,3 +206,28 @@ class TestLaptopLearnsItWasRefused:
                 f"is sha256 {fp}: the server's admin must allow it (certproxy server --allow-fingerprint {fp}, "
                 f"or Postfix relay_clientcerts '{fp} laptop')") in line, line
         assert backend.connections == 0
+
+
+class TestWhoMayRelay:
+    def test_check_list(self, tmp_path, certs, team):
+        """certproxy check --list: who can relay through my server, with names, fingerprints and expiry."""
+        from test_judge import _expired_certificate
+
+        expired_cert, _ = _expired_certificate("old-laptop")
+        (tmp_path / "old.pem").write_bytes(expired_cert)
+        conf = tmp_path / "c.toml"
+        conf.write_text(
+            "[server.mx]\ntls = true\nlisten = \"127.0.0.1:2465\"\nbackend = \"127.0.0.1:25\"\n"
+            f"cert = \"{certs.server.cert}\"\nkey = \"{certs.server.key}\"\n"
+            f"allow = [\"{certs.client.cert}\", \"{tmp_path / 'old.pem'}\"]\nclient-ca = \"{team['ca']}\"\n"
+            f"allow-fingerprint = [\"{certs.client.fp} laptop\", \"{team['alice'].spki} alice\"]\n"
+            "[client.laptop]\nupstream = [\"mx.example.org:465\"]\n"
+            f"cert = \"{certs.client.cert}\"\nkey = \"{certs.client.key}\"\npin = [\"{certs.server.fp}\"]\n")
+        r = cli("check", "--list", str(conf))
+        assert r.returncode == 0, r.stderr
+        out = r.stdout
+        assert f"--allow            laptop                   {certs.client.fp}  until " in out, out
+        assert f"--allow            old-laptop               " in out and "EXPIRED on" in out, out
+        assert "--client-ca        any it issued: CN=Team CA" in out, out
+        assert f"alice                    {team['alice'].spki}" in out, out
+        assert f"--pin              (server or its key)      {certs.server.fp}" in out, out

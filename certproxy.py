@@ -3573,6 +3573,8 @@ def _file_log_options(path: str) -> dict[str, str]:
     """``log-level`` / ``log-format`` at the top of a config file (errors there are load_config's to report)."""
     import tomllib
 
+    if not os.path.isfile(path):  # a pipe (/dev/stdin) is read once, by load_config
+        return {}
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)

@@ -95,6 +95,7 @@ MAX_DIALOGUE_COMMANDS = 50  # commands before TLS before we hang up
 LISTEN_BACKLOG = 1024  # bursts of new connections wait in the kernel, not in SYN retransmits (capped by somaxconn)
 MAX_VERDICTS = 4096  # client certificates whose verdict a server policy remembers
 DUAL_SNIFF_S = 0.25  # --tls --starttls: how long a silent client may take before it is greeted as SMTP
+GREETING_SNIFF_S = 3.0  # no SMTP greeting this long: check whether the upstream speaks implicit TLS instead
 
 # endregion
 # region Errors -----------------------------------------------------------------------------------
@@ -138,6 +139,19 @@ class PeerRejected(SessionError):
     """The peer's certificate is not the one we trust."""
 
     outcome = "refused"
+
+
+class WrongMode(SessionError):
+    """The upstream speaks the other TLS mode (implicit TLS where STARTTLS was configured, or the
+    reverse): a configuration mistake, named with its fix. ``mode`` is the one it speaks."""
+
+    outcome = "refused"
+
+    def __init__(self, mode: TLSMode, reason: str) -> None:
+        reply = "421 4.7.0 upstream expects implicit TLS (add --tls)" if mode is TLSMode.IMPLICIT else \
+            "421 4.7.0 upstream expects STARTTLS (drop --tls)"
+        super().__init__(reply, reason)
+        self.mode = mode
 
 
 # endregion
@@ -530,7 +544,7 @@ class _TLS:
     plaintext; after every call ``outgoing`` holds what must go to the socket (handshake messages,
     records, alerts, close_notify)."""
 
-    __slots__ = ("conn", "check", "up", "closed")
+    __slots__ = ("conn", "check", "up", "closed", "first_in")
 
     def __init__(self, ctx: SSL.Context, *, server: bool, sni: str | None = None, leaf=None,
                  strict: bool = False) -> None:
@@ -546,6 +560,7 @@ class _TLS:
         self.conn = conn
         self.up = False  # the handshake is complete
         self.closed = False  # the peer's close_notify arrived
+        self.first_in = b""  # the first bytes the peer sent: "220 " says it is no TLS server
 
     def start(self) -> bytes:
         """Begin the handshake: a client's ClientHello, nothing for a server."""
@@ -562,6 +577,8 @@ class _TLS:
     def receive(self, data: bytes) -> bytes:
         """Bytes from the socket in; the plaintext they complete out. Raises SSL.Error."""
         conn = self.conn
+        if not self.first_in:
+            self.first_in = data[:8]
         conn.bio_write(data)
         if not self.up:
             self._step()
@@ -2156,6 +2173,45 @@ class _Session:
         self.outcome, self.reason = splice.outcome, splice.reason
 
 
+_probe_context: SSL.Context | None = None
+
+
+async def _speaks_tls(ep: Endpoint, timeout: float) -> bool:
+    """Whether ``ep`` answers a TLS ClientHello (on a connection of its own, without a certificate)."""
+    global _probe_context
+    if _probe_context is None:
+        _probe_context = _tls_context(server=False)
+        _probe_context.set_verify(SSL.VERIFY_NONE, lambda *a: True)
+    tls, pump = _TLS(_probe_context, server=False), None
+    try:
+        async with asyncio.timeout(timeout):
+            pump = await _dial(ep, tls, timeout=timeout)
+            await pump.handshake
+        return True
+    except SessionError:
+        return bool(pump is not None and pump.tls_error and tls.first_in[:1] in (b"\x15", b"\x16"))
+    except OSError:  # TimeoutError included
+        return False
+    finally:
+        if pump is not None:
+            _abort_all(pump)
+            _release(pump)
+
+
+async def _greeting_or_tls(pump: _Pump, ep: Endpoint, connect_timeout: float) -> None:
+    """Wait for an SMTP server's first words; a silent one is asked, on a second connection, whether
+    it speaks implicit TLS instead: then the configuration is wrong, and the error says how to fix it."""
+    try:
+        async with asyncio.timeout(GREETING_SNIFF_S):
+            await pump.wait_held()
+        return
+    except (TimeoutError, asyncio.TimeoutError):
+        pass
+    if await _speaks_tls(ep, min(connect_timeout, GREETING_SNIFF_S)):
+        raise WrongMode(TLSMode.IMPLICIT, f"no SMTP greeting in {GREETING_SNIFF_S:g} s, and the port answers a TLS "
+                                          "ClientHello: it speaks implicit TLS; add --tls")
+
+
 async def _adopt(sock: socket.socket, tls: _TLS | None = None) -> _Pump:
     """A transport for an accepted socket: plain (what the peer sends is held until asked for), or
     TLS from the first byte, whose handshake then runs (await ``pump.handshake``)."""
@@ -2561,6 +2617,7 @@ class _ClientSession(_Session):
             if not implicit:
                 phase, reply = "starttls", "421 4.4.2 upstream timed out"
                 async with asyncio.timeout(to.dialogue):
+                    await _greeting_or_tls(pump, ep, to.connect)
                     await _drive(pump, StartTLSClient(cfg.ehlo))
                 pump.start_tls(tls)
             phase, reply = "handshake", "421 4.7.0 TLS with upstream failed"
@@ -2570,6 +2627,10 @@ class _ClientSession(_Session):
             except SessionError as e:
                 if tls.check.refusal:
                     raise PeerRejected("421 4.7.0 upstream certificate not trusted", tls.check.refusal) from None
+                if implicit and _REPLY_LINE.match(tls.first_in[:4]):
+                    raise WrongMode(TLSMode.STARTTLS, f"it greets in clear ({tls.first_in[:4].decode()!r}...) instead "
+                                                      "of speaking TLS: it is a STARTTLS port; drop --tls, or say "
+                                                      "--starttls") from None
                 raise SessionError(reply, f"TLS handshake failed: {e.reason}") from None
             if tls.check.strict and tls.check.error is not None:  # belt and braces: nothing crosses now
                 errno, depth = tls.check.error
@@ -3219,24 +3280,23 @@ async def _probe(args: argparse.Namespace) -> int:
             asked.append(True)
 
     ctx.set_info_callback(on_state)
-    tls = _TLS(ctx, server=False, sni=args.server_name or ep.host)
-    pump = None
+    detected = ""
     try:
-        async with asyncio.timeout(15):
-            pump = await _dial(ep, tls if mode is TLSMode.IMPLICIT else None)
-            if mode is TLSMode.STARTTLS:
-                await _drive(pump, StartTLSClient(DEFAULT_EHLO))
-                pump.start_tls(tls)
-            await pump.handshake
+        try:
+            pump, tls = await _probe_connect(ep, mode, ctx, args.server_name or ep.host)
+        except WrongMode as e:
+            if args.tls or args.starttls:  # the user said which: tell them it is the other one
+                raise
+            detected = f" -- detected: {e.reason.split(': ')[0]}; so {e.mode.value}, not {mode.value}"
+            mode = e.mode
+            asked.clear()
+            pump, tls = await _probe_connect(ep, mode, ctx, args.server_name or ep.host)
     except SessionError as e:
         print(f"certproxy: probe {ep}: {e.reason}", file=sys.stderr)
         return 1
     except (OSError, TimeoutError, asyncio.TimeoutError) as e:
         print(f"certproxy: probe {ep}: {_describe(e)}", file=sys.stderr)
         return 1
-    finally:
-        if pump is not None and pump.tls is None:
-            _abort_all(pump)
     ders = tls.peer_chain() or [tls.peer_der()]
     facts = tls.facts()
     ca_names = [",".join(f"{k.decode()}={v.decode('utf-8', 'replace')}" for k, v in reversed(n.get_components()))
@@ -3255,7 +3315,7 @@ async def _probe(args: argparse.Namespace) -> int:
             accepted = f"REFUSED: the server ended the session after the handshake ({getattr(e, 'reason', 'timed out')})"
     pump.close()
     _release(pump)
-    print(f"{ep} ({mode.value})\n  TLS        {facts['tls_version']} {facts['cipher']}\n"
+    print(f"{ep} ({mode.value}{detected})\n  TLS        {facts['tls_version']} {facts['cipher']}\n"
           f"  asked for a client certificate: {'yes' if asked else 'no'}"
           + (f" (CA names: {'; '.join(ca_names)})" if ca_names else "")
           + (f"\n  our client certificate: {accepted}" if accepted else "")
@@ -3271,6 +3331,32 @@ async def _probe(args: argparse.Namespace) -> int:
           f"  Compare this with the server's own 'certproxy fingerprint' before trusting it, then:\n"
           f"    --pin {fp}\n  or, to survive a renewal that keeps the key:\n    --pin {spki}")
     return 0
+
+
+async def _probe_connect(ep: Endpoint, mode: TLSMode, ctx: SSL.Context, sni: str) -> tuple[_Pump, _TLS]:
+    """probe's connection: [STARTTLS dialogue] and handshake; WrongMode when the port speaks the other mode."""
+    tls = _TLS(ctx, server=False, sni=sni)
+    pump = None
+    try:
+        async with asyncio.timeout(15):
+            pump = await _dial(ep, tls if mode is TLSMode.IMPLICIT else None, timeout=15)
+            if mode is TLSMode.STARTTLS:
+                await _greeting_or_tls(pump, ep, 15)
+                await _drive(pump, StartTLSClient(DEFAULT_EHLO))
+                pump.start_tls(tls)
+            try:
+                await pump.handshake
+            except SessionError:
+                if mode is TLSMode.IMPLICIT and _REPLY_LINE.match(tls.first_in[:4]):
+                    raise WrongMode(TLSMode.STARTTLS, "it greets in clear before any TLS: it is a STARTTLS port; "
+                                                      "drop --tls") from None
+                raise
+    except BaseException:
+        if pump is not None:
+            _abort_all(pump)
+            _release(pump)
+        raise
+    return pump, tls
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:

@@ -231,3 +231,51 @@ class TestWhoMayRelay:
         assert "--client-ca        any it issued: CN=Team CA" in out, out
         assert f"alice                    {team['alice'].spki}" in out, out
         assert f"--pin              (server or its key)      {certs.server.fp}" in out, out
+
+
+class TestWrongTLSMode:
+    """The TLS mode of an upstream mixed up: named with its fix within seconds, not a 60 s timeout or
+    WRONG_VERSION_NUMBER (issue 14, point 3)."""
+
+    @pytest.mark.parametrize("configured, actual, reply, reason", [
+        ("starttls", "tls", b"421 4.7.0 upstream expects implicit TLS (add --tls)\r\n",
+         "no SMTP greeting in 3 s, and the port answers a TLS ClientHello: it speaks implicit TLS; add --tls"),
+        ("tls", "starttls", b"421 4.7.0 upstream expects STARTTLS (drop --tls)\r\n",
+         "it greets in clear ('220 '...) instead of speaking TLS: it is a STARTTLS port; drop --tls, or say --starttls"),
+    ])
+    async def test_client_says_which_mode_the_upstream_speaks(self, client_service, aiosmtpd_upstream, caplog,
+                                                              configured, actual, reply, reason):
+        import asyncio
+        import logging
+
+        from conftest import read_reply, session_line
+
+        caplog.set_level(logging.INFO, "certproxy")
+        up = aiosmtpd_upstream(actual)
+        svc = await client_service(up.endpoint, mode=configured)
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        async with asyncio.timeout(15):  # the 60 s dialogue timeout would be the old answer
+            assert await read_reply(reader) == reply
+        writer.close()
+        line = await session_line(caplog)
+        assert reason in line and "outcome=refused" in line, line
+        assert up.recorder.messages == []
+
+    @pytest.mark.parametrize("actual", ["tls", "starttls"])
+    async def test_probe_detects_the_mode(self, aiosmtpd_upstream, actual):
+        import asyncio
+
+        up = aiosmtpd_upstream(actual)
+        wrong = "starttls" if actual == "tls" else "tls"
+        # Port not 465: the default guess is STARTTLS, right or wrong.
+        r = await asyncio.to_thread(cli, "probe", up.endpoint)
+        assert r.returncode == 0, r.stderr
+        first = r.stdout.splitlines()[0]
+        if actual == "tls":
+            assert first == f"{up.endpoint} (tls -- detected: no SMTP greeting in 3 s, and the port answers a TLS " \
+                            "ClientHello; so tls, not starttls)", first
+        else:
+            assert first == f"{up.endpoint} (starttls)", first
+        # Told the wrong one explicitly: the error says which it is.
+        r = await asyncio.to_thread(cli, "probe", up.endpoint, f"--{wrong}")
+        assert r.returncode == 1 and ("add --tls" if actual == "tls" else "drop --tls") in r.stderr, r.stderr

@@ -3164,24 +3164,28 @@ def _load_ca(spec: str) -> tuple:
     return cert, key
 
 
-def _paste_lines(name: str, cert_path: str, der: bytes, *, ca_path: str | None = None) -> str:
+def _paste_lines(name: str, cert_path: str, der: bytes, *, role: str, ca_path: str | None = None) -> str:
+    """What the other side needs, for the role this certificate plays: a server's certificate is
+    pinned on each laptop; a laptop's is allowed on the mail server (certproxy, Postfix, Exim)."""
     fp = format_fingerprint(cert_fingerprint(der))
     spki = format_fingerprint(spki_fingerprint(der))
-    allow = f"--client-ca {ca_path} --allow-fingerprint {fp}" if ca_path else f"--allow {cert_path}"
-    return f"""\
-  certificate  {cert_path}
-  sha256       {fp}
-  spki sha256  {spki}
-
-  As a server certificate, on each laptop:
+    head = f"  certificate  {cert_path}\n  sha256       {fp}\n  spki sha256  {spki}\n\n"
+    if role == "server":
+        return head + f"""\
+  This is a mail server's certificate. On each laptop:
     certproxy client ... --pin {fp}
       (or --pin {spki} to keep the pin across renewals with the same key)
-  As a client certificate, on the mail server:
+  (For a laptop's certificate say --role client, or give a name without a dot.)
+"""
+    allow = f"--client-ca {ca_path} --allow-fingerprint '{fp} {name}'" if ca_path else f"--allow {cert_path}"
+    return head + f"""\
+  This is a laptop's (client) certificate. On the mail server, one of:
     certproxy server ... {allow}
     Postfix relay_clientcerts (smtpd_tls_fingerprint_digest = sha256):
       {fp} {name}
     Exim, in a list matched against ${{sha256:$tls_in_peercert}}:
       {fp.replace(":", "")}
+  (For a server's certificate say --role server, or give its host name with a dot.)
 """
 
 
@@ -3196,7 +3200,10 @@ def _cmd_gencert(args: argparse.Namespace) -> int:
     kind = "issued by " + issuer[0].subject.rfc4514_string() if issuer else "self-signed"
     print(f"wrote {cert_path} and {key_path} (mode 0600), {kind}, valid {args.days} days\n")
     ca_path = (os.path.join(args.ca, "ca.pem") if os.path.isdir(args.ca) else args.ca) if args.ca else None
-    print(_paste_lines(args.name, cert_path, der, ca_path=ca_path))
+    role = getattr(args, "role", "auto")
+    if role == "auto":  # a host name with a dot, or SANs: a server; a bare name (laptop, alice): a client
+        role = "server" if args.san or ("." in args.name and not issuer) else "client"
+    print(_paste_lines(args.name, cert_path, der, role=role, ca_path=ca_path))
     return 0
 
 
@@ -3495,11 +3502,14 @@ async def _demo(workdir: str) -> int:
     else:
         say(f"6. NOT delivered intact (sink holds {len(sink.messages)} message(s))")
     say(f"""
-Do the same for real:
+Do the same for real (these certificates were throwaway: make your own):
+  on the mail server:  certproxy gencert mail.example.org            # certs/mail.example.org.pem + .key
+  on the laptop:       certproxy gencert laptop                      # certs/laptop.pem + .key
+  copy certs/laptop.pem (not the key) to the server, and note the pin gencert printed on the server; then
   on the mail server:  certproxy server --starttls --listen 0.0.0.0:587 --backend 127.0.0.1:10025 \\
-                         --cert certs/server.pem --key certs/server.key --allow certs/laptop.pem
+                         --cert certs/mail.example.org.pem --key certs/mail.example.org.key --allow certs/laptop.pem
   on the laptop:       certproxy client --upstream mail.example.org:587 \\
-                         --cert certs/laptop.pem --key certs/laptop.key --pin {server_fp}
+                         --cert certs/laptop.pem --key certs/laptop.key --pin <the server's sha256>
   then point your mail client at localhost:2525 (no TLS, no password).""")
     return 0 if ok else 1
 
@@ -3604,6 +3614,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--san", action="append", default=[], metavar="NAME", help="extra DNS name or IP address")
     g.add_argument("--ca", metavar="DIR_OR_FILE", help="issue from this CA (see 'certproxy ca init') instead of self-signing")
     g.add_argument("--force", action="store_true", help="overwrite existing files")
+    g.add_argument("--role", choices=("auto", "server", "client"), default="auto",
+                   help="which paste lines to print: a server's (--pin) or a laptop's (--allow); auto: a name "
+                        "with a dot or --san is a server")
     g.set_defaults(func=_cmd_gencert)
 
     ca = sub.add_parser("ca", help="a private CA for many laptops")

@@ -279,3 +279,38 @@ class TestWrongTLSMode:
         # Told the wrong one explicitly: the error says which it is.
         r = await asyncio.to_thread(cli, "probe", up.endpoint, f"--{wrong}")
         assert r.returncode == 1 and ("add --tls" if actual == "tls" else "drop --tls") in r.stderr, r.stderr
+
+
+class TestPasteLinesFitTheCertificate:
+    """gencert / ca issue print what the other side needs for the certificate's role (issue 14, point 8)."""
+
+    def test_a_laptop(self, tmp_path):
+        r = cli("gencert", "laptop", "--dir", str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        fp = certproxy.format_fingerprint(certproxy.cert_fingerprint(certproxy._pem_to_der(str(tmp_path / "laptop.pem"))[0]))
+        assert "This is a laptop's (client) certificate. On the mail server, one of:" in r.stdout
+        assert f"certproxy server ... --allow {tmp_path / 'laptop.pem'}" in r.stdout
+        assert f"      {fp} laptop" in r.stdout and fp.replace(":", "") in r.stdout
+        assert "--pin" not in r.stdout, r.stdout
+
+    @pytest.mark.parametrize("args", [["mx.example.org"], ["mx", "--san", "mail.example.org"], ["mx", "--role", "server"]])
+    def test_a_server(self, tmp_path, args):
+        r = cli("gencert", *args, "--dir", str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        name = args[0]
+        fp = certproxy.format_fingerprint(certproxy.cert_fingerprint(certproxy._pem_to_der(str(tmp_path / f"{name}.pem"))[0]))
+        assert f"This is a mail server's certificate. On each laptop:\n    certproxy client ... --pin {fp}" in r.stdout
+        assert "--allow" not in r.stdout and "relay_clientcerts" not in r.stdout, r.stdout
+
+    def test_a_ca_issued_laptop(self, tmp_path):
+        assert cli("ca", "init", "--dir", str(tmp_path)).returncode == 0
+        r = cli("ca", "issue", "alice", "--dir", str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        fp = certproxy.format_fingerprint(certproxy.cert_fingerprint(certproxy._pem_to_der(str(tmp_path / "alice.pem"))[0]))
+        assert f"certproxy server ... --client-ca {tmp_path / 'ca.pem'} --allow-fingerprint '{fp} alice'" in r.stdout
+
+    def test_the_demo_says_how_to_make_the_files_it_names(self):
+        r = cli("demo")
+        assert r.returncode == 0, r.stderr
+        assert "certproxy gencert mail.example.org" in r.stdout and "certproxy gencert laptop" in r.stdout
+        assert "--cert certs/mail.example.org.pem --key certs/mail.example.org.key --allow certs/laptop.pem" in r.stdout

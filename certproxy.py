@@ -3887,8 +3887,6 @@ def check_services(services: dict[str, _Listener]) -> tuple[list[str], list[str]
     an error; an expired client certificate in --allow (or CA) is a note: that one client is refused,
     everyone else served. A listen address in use is a note (it may be this very service, running);
     one that is not this machine's is an error."""
-    import errno as errnos
-
     errors, notes = [], []
     for name, svc in services.items():
         for option, path in svc._certificate_files():
@@ -3901,16 +3899,33 @@ def check_services(services: dict[str, _Listener]) -> tuple[list[str], list[str]
                 else:
                     notes.append(f"[{name}] {option}: {path} ({certificate_subject(der)}) {problem}: it is refused "
                                  f"until its owner sends a renewed one; everyone else is served")
-        try:
-            _listening_socket(svc.listen).close()
-        except OSError as e:
-            line = f"[{name}] --listen: {_cannot_listen(svc.listen, e)}"
-            if e.errno in (errnos.EADDRINUSE, errnos.EACCES):
-                notes.append(line + (" (fine if it is this service, running)" if e.errno == errnos.EADDRINUSE
-                                     else " (fine if the service runs as root or with CAP_NET_BIND_SERVICE)"))
-            else:
-                errors.append(line)
+        problem, note = _listen_problem(svc.listen)
+        if problem:
+            errors.append(f"[{name}] --listen: {problem}")
+        if note:
+            notes.append(f"[{name}] --listen: {note}")
     return errors, notes
+
+
+def _listen_problem(ep: Endpoint) -> tuple[str, str]:
+    """(error, note) about listening on ``ep``, found without binding its port: the address must be
+    this machine's (bound on port 0 to see); someone already listening there is a note (it may be this
+    very service, running), and so is a privileged port."""
+    family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((ep.host, 0))
+    except OSError as e:
+        return f"cannot listen on {ep}: {e.strerror or e} (not an address of this machine?)", ""
+    notes = []
+    if 0 < ep.port < 1024 and os.geteuid() != 0:
+        notes.append(f"port {ep.port} needs root or CAP_NET_BIND_SERVICE")
+    probe_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(ep.host, ep.host)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        if ep.port and s.connect_ex((probe_host, ep.port)) == 0:
+            notes.append(f"something listens on {ep} already (fine if it is this service, running)")
+    return "", "; ".join(notes)
 
 
 class _Supervisor:

@@ -72,12 +72,21 @@ class TestConfigErrors:
         """check on the configuration of the running service (edit, check, reload) must not fail on
         the service's own port."""
         busy = socket.create_server(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
         conf = tmp_path / "c.toml"
-        conf.write_text(server_table(certs, busy.getsockname()[1], 25, name="mx"))
+        conf.write_text(server_table(certs, port, 25, name="mx"))
         r = cli("check", str(conf))
         busy.close()
-        assert r.returncode == 0 and "certproxy: note: " in r.stderr and "[mx] --listen: cannot listen on" in r.stderr \
-            and "(fine if it is this service, running)" in r.stderr, r.stderr
+        assert r.returncode == 0, r.stderr
+        assert f"certproxy: note: {conf} [mx] --listen: something listens on 127.0.0.1:{port} " \
+            "already (fine if it is this service, running)" in r.stderr, r.stderr
+
+    def test_an_address_of_another_machine_is_an_error(self, tmp_path, certs):
+        conf = tmp_path / "c.toml"
+        conf.write_text(server_table(certs, free_port(), 25, name="mx").replace("127.0.0.1:", "192.0.2.1:", 1))
+        r = cli("check", str(conf))
+        assert r.returncode == 2 and "[mx] --listen: cannot listen on 192.0.2.1:" in r.stderr \
+            and "(not an address of this machine?)" in r.stderr, r.stderr
 
     def test_every_error_at_once(self, tmp_path, certs):
         conf = tmp_path / "c.toml"

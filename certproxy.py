@@ -23,6 +23,7 @@ import asyncio
 import collections
 import datetime
 import enum
+import functools
 import gc
 import hashlib
 import ipaddress
@@ -778,6 +779,15 @@ def _server_check(cfg: ClientConfig, ep: Endpoint):
         return ""
 
     return check
+
+
+@functools.lru_cache(maxsize=64)
+def _expired_on(der: bytes) -> str:
+    """The date a certificate expired on, or "" while it is valid (remembered per certificate)."""
+    from cryptography import x509
+
+    not_after = _validity(x509.load_der_x509_certificate(der))[1]
+    return f"{not_after:%Y-%m-%d}" if not_after <= datetime.datetime.now(_UTC) else ""
 
 
 def _names_of(der: bytes) -> str:
@@ -2638,6 +2648,10 @@ class _ClientSession(_Session):
                                    f"server certificate not trusted by --ca: {_verify_error(errno)} (depth {depth})")
             self.facts.update(tls.facts())
             self.facts["server_fp"] = format_fingerprint(cert_fingerprint(tls.check.der))
+            expired = _expired_on(tls.check.der)
+            if expired:  # pinning makes it work; the user should still know
+                self.facts["warning"] = (f"the server's certificate expired on {expired}; the pin keeps it working, "
+                                         "but ask the server's admin to renew it")
             # TLS 1.3 finishes the client's handshake before the server has judged our certificate; a
             # refusal arrives as an alert (or a 554) afterwards. So hear the server speak inside TLS:
             # the greeting (implicit TLS, passed on to the local client) or the reply to a NOOP.

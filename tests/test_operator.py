@@ -314,3 +314,42 @@ class TestPasteLinesFitTheCertificate:
         assert r.returncode == 0, r.stderr
         assert "certproxy gencert mail.example.org" in r.stdout and "certproxy gencert laptop" in r.stdout
         assert "--cert certs/mail.example.org.pem --key certs/mail.example.org.key --allow certs/laptop.pem" in r.stdout
+
+
+class TestExpiredPinnedServer:
+    async def test_the_session_line_warns(self, tmp_path, client_service, scripted_upstream, caplog):
+        """Pinning makes an expired server certificate work; the laptop's log still says so."""
+        import asyncio
+        import logging
+        import ssl
+
+        from conftest import read_reply, session_line
+        from test_judge import _expired_certificate
+
+        caplog.set_level(logging.INFO, "certproxy")
+        cert, key = _expired_certificate("mx.example.org")
+        (tmp_path / "mx.pem").write_bytes(cert)
+        (tmp_path / "mx.key").write_bytes(key)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tmp_path / "mx.pem", tmp_path / "mx.key")
+
+        async def script(reader, writer, received):
+            writer.write(b"220 mx ESMTP\r\n")
+            while line := await reader.readline():
+                received.extend(line)
+                writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
+                if line.startswith(b"QUIT"):
+                    break
+
+        up = await scripted_upstream(script, ssl=ctx)
+        fp = certproxy.format_fingerprint(certproxy.cert_fingerprint(certproxy._pem_to_der(str(tmp_path / "mx.pem"))[0]))
+        svc = await client_service(up.endpoint, mode="tls", pins=[fp])
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        assert (await read_reply(reader)).startswith(b"220 mx")
+        writer.write(b"QUIT\r\n")
+        assert (await read_reply(reader)).startswith(b"221")
+        writer.close()
+        line = await session_line(caplog)
+        expired_on = certproxy._expired_on(certproxy._pem_to_der(str(tmp_path / "mx.pem"))[0])
+        assert expired_on and "outcome=ok" in line, line
+        assert f"the server's certificate expired on {expired_on}; the pin keeps it working" in line, line

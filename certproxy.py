@@ -1943,7 +1943,8 @@ def _close_all(*pumps: _Pump | None) -> None:
 
 def _abort_all(*pumps: _Pump | None) -> None:
     for p in pumps:
-        if p is not None and p.transport is not None and not p.lost:
+        # A pump whose TLS failed is closing already, behind its alert: a reset would eat the alert.
+        if p is not None and p.transport is not None and not p.lost and not p.tls_error:
             p.transport.abort()
 
 
@@ -2682,6 +2683,7 @@ class _ClientSession(_Session):
                     pump.close()
                 else:
                     _abort_all(pump)
+                _release(pump)
             if isinstance(e, SessionError):
                 e.reason = f"{ep}: {e.reason}"
                 raise

@@ -3915,6 +3915,16 @@ def check_services(services: dict[str, _Listener]) -> tuple[list[str], list[str]
                 else:
                     notes.append(f"[{name}] {option}: {path} ({certificate_subject(der)}) {problem}: it is refused "
                                  f"until its owner sends a renewed one; everyone else is served")
+        if isinstance(svc, ClientService):
+            for up in svc.cfg.upstreams:  # the usual ports say which TLS mode to expect (RFC 8314)
+                port, mode = up.endpoint.port, up.mode
+                if port == IMPLICIT_TLS_PORT and mode is TLSMode.STARTTLS:
+                    notes.append(f"[{name}] --upstream {up.endpoint}: port 465 is implicit TLS (RFC 8314); with "
+                                 "--starttls the connection will wait for a greeting that never comes: drop --starttls")
+                elif port in (25, 587) and mode is TLSMode.IMPLICIT:
+                    notes.append(f"[{name}] --upstream {up.endpoint}: port {port} normally speaks STARTTLS; with --tls "
+                                 "the server's clear greeting breaks the handshake: drop --tls unless this server "
+                                 "really speaks TLS at once there (certproxy probe tells)")
         problem, note = _listen_problem(svc.listen)
         if problem:
             errors.append(f"[{name}] --listen: {problem}")

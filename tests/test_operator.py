@@ -353,3 +353,15 @@ class TestExpiredPinnedServer:
         expired_on = certproxy._expired_on(certproxy._pem_to_der(str(tmp_path / "mx.pem"))[0])
         assert expired_on and "outcome=ok" in line, line
         assert f"the server's certificate expired on {expired_on}; the pin keeps it working" in line, line
+
+
+def test_check_notes_an_unusual_tls_mode_for_the_port(tmp_path, certs):
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[client.laptop]\nupstream = ["mx.example.org:465"]\nstarttls = true\ncert = "{certs.client.cert}"\n'
+                    f'key = "{certs.client.key}"\npin = ["{certs.server.fp}"]\nlisten = "127.0.0.1:0"\n'
+                    f'[client.other]\nupstream = ["mx.example.org:587"]\ntls = true\ncert = "{certs.client.cert}"\n'
+                    f'key = "{certs.client.key}"\npin = ["{certs.server.fp}"]\nlisten = "127.0.0.1:0"\n')
+    r = cli("check", str(conf))
+    assert r.returncode == 0, r.stderr
+    assert "[laptop] --upstream mx.example.org:465: port 465 is implicit TLS (RFC 8314); with --starttls" in r.stderr
+    assert "[other] --upstream mx.example.org:587: port 587 normally speaks STARTTLS; with --tls" in r.stderr

@@ -3517,7 +3517,7 @@ async def _demo(workdir: str) -> int:
         say(got.decode().rstrip().replace("\r\n", "\n").replace("\n", "\n   | ").join(("   | ", "")))
     else:
         say(f"6. NOT delivered intact (sink holds {len(sink.messages)} message(s))")
-    say(f"""
+    say("""
 Do the same for real (these certificates were throwaway: make your own):
   on the mail server:  certproxy gencert mail.example.org            # certs/mail.example.org.pem + .key
   on the laptop:       certproxy gencert laptop                      # certs/laptop.pem + .key

@@ -13,7 +13,11 @@ Any failure before the splice (no upstream, no STARTTLS, a pin mismatch, a timeo
 with ``421 4.x.x reason`` so the mail client keeps the message queued. Nothing is ever sent in clear
 but EHLO, STARTTLS and QUIT.
 
-Works with plain asyncio; uses uvloop when it is importable.
+Server side (server mode): terminate TLS (implicit or STARTTLS) in front of an unmodified MTA, take any
+client certificate through the handshake and judge it afterwards (--allow, --client-ca,
+--allow-fingerprint); only an allowed one reaches --backend, and a client's own XCLIENT/XFORWARD never
+does. TLS runs on pyOpenSSL memory BIOs for both ends. Works with plain asyncio; uses uvloop when it
+is importable.
 """
 
 from __future__ import annotations
@@ -49,8 +53,12 @@ __all__ = [
     "ClientConfig",
     "ClientPolicy",
     "ClientService",
+    "CommandWatch",
     "ConfigError",
+    "ConfigErrors",
     "Endpoint",
+    "Exchange",
+    "HideExtensions",
     "Pins",
     "Reply",
     "ReplyParser",
@@ -60,6 +68,7 @@ __all__ = [
     "SMTPGate",
     "StartTLSClient",
     "TLSMode",
+    "WrongMode",
     "main",
     "make_certificate",
     "parse_fingerprint",

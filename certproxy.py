@@ -2218,6 +2218,14 @@ async def _speaks_tls(ep: Endpoint, timeout: float) -> bool:
             _release(pump)
 
 
+def _greets_in_clear(tls: _TLS) -> WrongMode | None:
+    """After a failed implicit-TLS handshake: did the server greet in clear (a STARTTLS port)?"""
+    if not _REPLY_LINE.match(tls.first_in[:4]):
+        return None
+    return WrongMode(TLSMode.STARTTLS, f"it greets in clear ({tls.first_in[:4].decode()!r}...) instead of speaking "
+                                       "TLS: it is a STARTTLS port; drop --tls, or say --starttls")
+
+
 async def _greeting_or_tls(pump: _Pump, ep: Endpoint, connect_timeout: float) -> None:
     """Wait for an SMTP server's first words; a silent one is asked, on a second connection, whether
     it speaks implicit TLS instead: then the configuration is wrong, and the error says how to fix it."""
@@ -2647,10 +2655,8 @@ class _ClientSession(_Session):
             except SessionError as e:
                 if tls.check.refusal:
                     raise PeerRejected("421 4.7.0 upstream certificate not trusted", tls.check.refusal) from None
-                if implicit and _REPLY_LINE.match(tls.first_in[:4]):
-                    raise WrongMode(TLSMode.STARTTLS, f"it greets in clear ({tls.first_in[:4].decode()!r}...) instead "
-                                                      "of speaking TLS: it is a STARTTLS port; drop --tls, or say "
-                                                      "--starttls") from None
+                if implicit and (wrong := _greets_in_clear(tls)) is not None:
+                    raise wrong from None
                 raise SessionError(reply, f"TLS handshake failed: {e.reason}") from None
             if tls.check.strict and tls.check.error is not None:  # belt and braces: nothing crosses now
                 errno, depth = tls.check.error
@@ -3049,10 +3055,6 @@ class ServerService(_Listener):
         super().__init__(_ServerSettings(cfg, ctx, policy, hostname))
 
     @property
-    def hostname(self) -> str:
-        return self.settings.hostname
-
-    @property
     def policy(self) -> ClientPolicy:
         return self.settings.policy
 
@@ -3379,9 +3381,8 @@ async def _probe_connect(ep: Endpoint, mode: TLSMode, ctx: SSL.Context, sni: str
             try:
                 await pump.handshake
             except SessionError:
-                if mode is TLSMode.IMPLICIT and _REPLY_LINE.match(tls.first_in[:4]):
-                    raise WrongMode(TLSMode.STARTTLS, "it greets in clear before any TLS: it is a STARTTLS port; "
-                                                      "drop --tls") from None
+                if mode is TLSMode.IMPLICIT and (wrong := _greets_in_clear(tls)) is not None:
+                    raise wrong from None
                 raise
     except BaseException:
         if pump is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import datetime
 import enum
@@ -106,6 +107,14 @@ LISTEN_BACKLOG = 1024  # bursts of new connections wait in the kernel, not in SY
 MAX_VERDICTS = 4096  # client certificates whose verdict a server policy remembers
 DUAL_SNIFF_S = 0.25  # --tls --starttls: how long a silent client may take before it is greeted as SMTP
 GREETING_SNIFF_S = 3.0  # no SMTP greeting this long: check whether the upstream speaks implicit TLS instead
+EXPIRY_WARNING_DAYS = 30  # warn this long before a configured certificate expires (or a CRL's nextUpdate)
+CRL_DAYS = 365  # nextUpdate of the CRLs 'ca revoke' / 'ca crl' sign; refresh with 'ca crl' before then
+METRICS_MAX_REQUEST = 8192  # bytes of one HTTP request to --metrics (a scrape is a few hundred)
+METRICS_TIMEOUT_S = 10.0  # a scrape connection that says nothing this long is closed
+METRICS_MAX_CONNECTIONS = 8  # concurrent scrape connections
+METRICS_MAX_SEEN = 1000  # client certificates remembered per service for the expiry gauge
+HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
+SESSION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0)  # seconds
 
 # endregion
 # region Errors -----------------------------------------------------------------------------------
@@ -375,6 +384,8 @@ class ServerConfig:
     allow: tuple[str, ...] = ()
     client_ca: str | None = None
     allow_fingerprints: Pins = Pins(frozenset())
+    crl: tuple[str, ...] = ()  # CRLs (PEM or DER) signed by a --client-ca certificate
+    deny_fingerprints: Pins = Pins(frozenset())  # certificates or keys refused whatever else allows them
     hostname: str = ""
     client_cert: str = "required"  # required | optional | none: see _route
     starttls_optional: bool = False  # a STARTTLS listener that also admits clients who never say STARTTLS
@@ -424,6 +435,9 @@ class ServerConfig:
                                          "refusing to let clients in without checking their certificates")
         if self.allow_fingerprints.digests and not self.client_ca and not self.allow:
             raise ConfigError("--allow-fingerprint", "narrows --client-ca or --allow; give one of them")
+        if self.crl and not self.client_ca:
+            raise ConfigError("--crl", "needs --client-ca (the CA that signed the CRL); to shut out an --allow "
+                                       "certificate without a CA, use --deny-fingerprint")
         if not re.fullmatch(r"[A-Za-z0-9.\-]+", self.hostname or "x"):
             raise ConfigError("--hostname", f"{self.hostname!r} is not a valid host name")
         if self.max_connections < 1:
@@ -887,6 +901,7 @@ class Verdict(NamedTuple):
     reply: str  # when not allowed: the SMTP reply
     name: str  # when allowed: who it is (XCLIENT LOGIN, logs)
     until: float  # time.time() after which this verdict must be made again (a date is crossed)
+    kind: str = "allowed"  # else why, in one word (REFUSAL_KINDS): the metrics' label
 
 
 @dataclass(frozen=True, slots=True)
@@ -898,6 +913,8 @@ class ClientPolicy:
     allowed: frozenset[bytes]  # SHA-256 of each --allow certificate
     ca_fingerprints: frozenset[bytes]  # SHA-256 of each --client-ca certificate
     fingerprints: Pins
+    denied: Pins = Pins(frozenset())  # --deny-fingerprint: refused before anything else is asked
+    revoked: dict = field(default_factory=dict, compare=False)  # (issuer DER, serial) -> Revocation, --crl
     _verdicts: dict = field(default_factory=dict, compare=False, repr=False)  # see judge()
 
     def judge(self, der: bytes, tls: _TLS | None = None) -> Verdict:
@@ -917,7 +934,8 @@ class ClientPolicy:
             except ValueError as e:  # OpenSSL took it, cryptography cannot parse it: never a yes
                 text = format_fingerprint(fp)
                 verdict = Verdict(text, "?", "?", "?", allowed=False, why=f"certificate cannot be parsed ({e})",
-                                  reply="554 5.7.1 certificate not authorised", name="", until=float("inf"))
+                                  reply="554 5.7.1 certificate not authorised", name="", until=float("inf"),
+                                  kind="unparsable")
             if len(self._verdicts) >= MAX_VERDICTS:
                 self._verdicts.clear()
             self._verdicts[key] = verdict
@@ -930,23 +948,47 @@ class ClientPolicy:
         fp = cert_fingerprint(der)
         nb, na = _validity(cert)
         now = datetime.datetime.now(_UTC)
-        why, reply = "", "554 5.7.1 certificate not authorised"
-        if now >= na:
+        why, reply, kind = "", "554 5.7.1 certificate not authorised", "unknown"
+        barred = self.barred(der, cert, chain)
+        if barred:
+            why, reply, kind = barred
+        elif now >= na:
             why = f"certificate expired on {na:%Y-%m-%d %H:%M} UTC ({(now - na).days} days ago)"
-            reply = f"554 5.7.1 certificate expired on {na:%Y-%m-%d}"
+            reply, kind = f"554 5.7.1 certificate expired on {na:%Y-%m-%d}", "expired"
         elif now < nb:
             why, reply = f"certificate is not valid before {nb:%Y-%m-%d %H:%M} UTC", "554 5.7.1 certificate not yet valid"
+            kind = "not_yet_valid"
         elif fp not in self.allowed:
             why = self._ca_problem(cert, chain, error) if self.ca_fingerprints else \
                 "certificate is not an --allow certificate"
+            if why.startswith(("--client-ca", "signature")):
+                kind = "chain"
         if not why and self.fingerprints.digests and not self.fingerprints.match(der):
-            why = "certificate fingerprint is not in --allow-fingerprint"
+            why, kind = "certificate fingerprint is not in --allow-fingerprint", "fingerprint"
         # Judged again once a date in it is crossed: the leaf's (or a CA's) end, or a future start.
         dates = [nb] if now < nb else [na] + [_validity(x509.load_der_x509_certificate(d))[1] for d in chain[1:]]
         until = min((d.timestamp() for d in dates if d > now), default=float("inf"))
         return Verdict(format_fingerprint(fp), format_fingerprint(spki_fingerprint(der)), cert.subject.rfc4514_string(),
                        cert.issuer.rfc4514_string(), allowed=not why, why=why, reply=reply if why else "",
-                       name="" if why else self.name(der), until=until)
+                       name="" if why else self.name(der), until=until, kind=kind if why else "allowed")
+
+    def barred(self, der: bytes, cert=None, chain: list[bytes] = ()) -> tuple[str, str, str] | None:
+        """(why, reply, kind) when ``der`` is shut out whatever else allows it: its certificate or key
+        is in --deny-fingerprint, or a --crl revokes it or a CA between it and ours; else None."""
+        if self.denied.digests and self.denied.match(der):
+            return "certificate (or its key) is in --deny-fingerprint", "554 5.7.1 certificate revoked", "denied"
+        if not self.revoked:
+            return None
+        from cryptography import x509
+
+        cert = cert or x509.load_der_x509_certificate(der)
+        for c in [cert] + [x509.load_der_x509_certificate(d) for d in chain[1:-1]]:
+            hit = self.revoked.get((c.issuer.public_bytes(), c.serial_number))
+            if hit is not None:
+                who = "certificate" if c is cert else f"its CA {c.subject.rfc4514_string()}"
+                return (f"{who} revoked on {hit.date:%Y-%m-%d %H:%M} UTC ({hit.reason}) by --crl {hit.crl}",
+                        f"554 5.7.1 certificate revoked on {hit.date:%Y-%m-%d}", "revoked")
+        return None
 
     def _ca_problem(self, cert, chain: list[bytes], error: tuple[int, int] | None) -> str:
         """Why ``cert`` is not a certificate a --client-ca issued ("" if it is): OpenSSL's chain ends at
@@ -993,6 +1035,74 @@ def _allow_files(paths: tuple[str, ...]) -> list[str]:
     return files
 
 
+class Revocation(NamedTuple):
+    date: datetime.datetime
+    reason: str
+    crl: str  # the file that says so
+
+
+def _load_crls(paths: tuple[str, ...], ca_ders: list[bytes]) -> dict[tuple[bytes, int], Revocation]:
+    """Every --crl (PEM or DER X.509 CRL, as ``certproxy ca revoke`` or ``openssl ca -gencrl`` write
+    them): each must be signed by one of the --client-ca certificates, or certproxy does not start. A
+    CRL past its nextUpdate is still enforced (the daily watch says so loudly): an outdated list of
+    stolen laptops is better than none."""
+    from cryptography import x509
+
+    cas = [x509.load_der_x509_certificate(d) for d in ca_ders]
+    revoked: dict[tuple[bytes, int], Revocation] = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ConfigError("--crl", f"cannot read {path!r}: {e.strerror}") from None
+        try:
+            crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+        except ValueError:
+            raise ConfigError("--crl", f"{path!r} is not an X.509 CRL (PEM or DER)") from None
+        signer = next((ca for ca in cas if ca.subject == crl.issuer and crl.is_signature_valid(ca.public_key())), None)
+        if signer is None:
+            named = any(ca.subject == crl.issuer for ca in cas)
+            raise ConfigError("--crl", f"{path!r} is issued by {crl.issuer.rfc4514_string()}, "
+                                       + ("but its signature does not verify with the --client-ca of that name"
+                                          if named else "which is not a --client-ca certificate")
+                                       + ": a CRL from another CA")
+        issuer = crl.issuer.public_bytes()
+        for entry in crl:
+            when = getattr(entry, "revocation_date_utc", None) or entry.revocation_date.replace(tzinfo=_UTC)
+            try:
+                reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason.value
+            except x509.ExtensionNotFound:
+                reason = "unspecified"
+            revoked[(issuer, entry.serial_number)] = Revocation(when, reason, path)
+    return revoked
+
+
+def _crl_next_update(path: str) -> datetime.datetime | None:
+    from cryptography import x509
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+    except (OSError, ValueError):
+        return None
+    return getattr(crl, "next_update_utc", None) or (crl.next_update and crl.next_update.replace(tzinfo=_UTC))
+
+
+def crl_problem(path: str) -> str | None:
+    """Like expiry_problem, for a CRL's nextUpdate: it is time to sign a fresh one."""
+    nxt = _crl_next_update(path)
+    if nxt is None:
+        return None
+    left = nxt - datetime.datetime.now(_UTC)
+    if left.total_seconds() <= 0:
+        return f"OUTDATED since {nxt:%Y-%m-%d} (its nextUpdate); still enforced"
+    if left.days < EXPIRY_WARNING_DAYS:
+        return f"nextUpdate in {left.days} days ({nxt:%Y-%m-%d})"
+    return None
+
+
 def server_context(cfg: ServerConfig) -> tuple[SSL.Context, ClientPolicy]:
     """The listener's context (asks for a client certificate and accepts any: see ClientPolicy) and the
     policy applied after every handshake."""
@@ -1022,7 +1132,7 @@ def server_context(cfg: ServerConfig) -> tuple[SSL.Context, ClientPolicy]:
         # VERIFY_PEER without FAIL_IF_NO_PEER_CERT: ask, accept any answer (even none), judge afterwards.
         ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _on_verify)
     return ctx, ClientPolicy(frozenset(allowed), frozenset(cert_fingerprint(d) for d in ca_ders),
-                             cfg.allow_fingerprints)
+                             cfg.allow_fingerprints, cfg.deny_fingerprints, _load_crls(cfg.crl, ca_ders))
 
 
 def certificate_subject(der: bytes) -> str:
@@ -2169,7 +2279,8 @@ class _Session:
     phases, each under its own deadline (``phases``), that _Listener._run drives; a step ends the
     session early with ``finish`` or by raising SessionError, whose reply goes to the client."""
 
-    __slots__ = ("sid", "t0", "settings", "facts", "outcome", "reason", "client", "far", "finished")
+    __slots__ = ("sid", "t0", "settings", "facts", "outcome", "reason", "client", "far", "finished", "refusal",
+                 "handshake_s")
 
     def __init__(self, settings) -> None:
         self.sid = next(_session_ids)
@@ -2180,6 +2291,8 @@ class _Session:
         self.client: _Pump | None = None
         self.far: _Pump | None = None
         self.finished = False
+        self.refusal = ""  # why a refused session was refused, in one word (the metrics' label)
+        self.handshake_s: float | None = None  # how long the TLS handshake took (the metrics' histogram)
 
     def phases(self) -> list[Phase]:
         raise NotImplementedError
@@ -2191,6 +2304,8 @@ class _Session:
         splice = _Splice(self.client, self.far, self.settings.cfg.timeouts.idle, watch)
         await splice.done
         self.outcome, self.reason = splice.outcome, splice.reason
+        if splice.outcome == "refused":  # an observer stopped it (a command the client may not send)
+            self.refusal = "command"
 
 
 _probe_context: SSL.Context | None = None
@@ -2381,11 +2496,180 @@ def _port_problem(ep: Endpoint) -> str:
 
 # What to do about a configured certificate that expires, by the option that names it: only the
 # service's own certificate is the operator's to renew.
+
+class _Metrics:
+    """What --metrics serves, in the Prometheus text exposition format 0.0.4 (Prometheus, Grafana
+    Agent, VictoriaMetrics scrape it unchanged): sessions by service and outcome, refusals by reason,
+    bytes each way, handshake and session duration histograms, live sessions, and seconds until each
+    certificate the service relies on expires. Process-wide and kept across reloads (a counter that
+    restarted at each SIGHUP would read as a reset). Only exists with --metrics: without it the
+    session driver does not count at all."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[tuple[str, str], int] = {}
+        self.refusals: dict[tuple[str, str], int] = {}
+        self.bytes: dict[tuple[str, str], int] = {}
+        self.handshake: dict[str, list] = {}  # service -> per-bucket counts (+Inf last), sum
+        self.duration: dict[str, list] = {}
+        self.seen: dict[str, dict[bytes, tuple[str, str, bytes]]] = {}  # service -> fp -> (role, name, der)
+
+    @staticmethod
+    def _observe(hists: dict[str, list], service: str, buckets: tuple[float, ...], value: float) -> None:
+        h = hists.get(service)
+        if h is None:
+            h = hists[service] = [0] * (len(buckets) + 1) + [0.0]
+        h[bisect.bisect_left(buckets, value)] += 1
+        h[-1] += value
+
+    def session(self, service: str, s: _Session, bytes_in: int, bytes_out: int, duration: float) -> None:
+        key = (service, s.outcome)
+        self.sessions[key] = self.sessions.get(key, 0) + 1
+        if s.outcome == "refused":
+            self.refused(service, s.refusal or "other")
+        for direction, n in (("in", bytes_in), ("out", bytes_out)):
+            self.bytes[(service, direction)] = self.bytes.get((service, direction), 0) + n
+        self._observe(self.duration, service, SESSION_BUCKETS, duration)
+        if s.handshake_s is not None:
+            self._observe(self.handshake, service, HANDSHAKE_BUCKETS, s.handshake_s)
+
+    def refused(self, service: str, kind: str) -> None:
+        self.refusals[(service, kind)] = self.refusals.get((service, kind), 0) + 1
+
+    def saw(self, service: str, role: str, name: str, der: bytes) -> None:
+        """A certificate met in a session (an allowed client's, the upstream's): its expiry is watched
+        too. Bounded per service."""
+        seen = self.seen.setdefault(service, {})
+        fp = cert_fingerprint(der)
+        if fp not in seen and len(seen) >= METRICS_MAX_SEEN:
+            seen.pop(next(iter(seen)))
+        seen[fp] = (role, name, der)
+
+    def render(self, services: dict[str, _Listener]) -> bytes:
+        out: list[str] = []
+
+        def family(name: str, kind: str, text: str, samples) -> None:
+            out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
+            out.extend(f"{name}{_labels(labels)} {_number(value)}\n" for labels, value in samples)
+
+        family("certproxy_info", "gauge", "certproxy's version", [({"version": __version__}, 1)])
+        family("certproxy_sessions_total", "counter", "Sessions ended, by service and outcome",
+               [({"service": k[0], "outcome": k[1]}, v) for k, v in sorted(self.sessions.items())])
+        family("certproxy_refusals_total", "counter", "Clients refused, by service and reason",
+               [({"service": k[0], "reason": k[1]}, v) for k, v in sorted(self.refusals.items())])
+        family("certproxy_bytes_total", "counter", "Bytes from the client (in) and from the far side (out)",
+               [({"service": k[0], "direction": k[1]}, v) for k, v in sorted(self.bytes.items())])
+        family("certproxy_sessions_active", "gauge", "Sessions open now",
+               [({"service": name}, len(svc.active)) for name, svc in sorted(services.items())])
+        for name, hists, buckets, text in (
+                ("certproxy_handshake_seconds", self.handshake, HANDSHAKE_BUCKETS, "TLS handshake duration"),
+                ("certproxy_session_seconds", self.duration, SESSION_BUCKETS, "Session duration")):
+            out.append(f"# HELP {name} {text}\n# TYPE {name} histogram\n")
+            for service, h in sorted(hists.items()):
+                total = 0
+                for le, n in zip([*map(_number, buckets), "+Inf"], h[:-1]):
+                    total += n
+                    out.append(f"{name}_bucket{_labels({'service': service, 'le': le})} {total}\n")
+                out.append(f"{name}_sum{_labels({'service': service})} {_number(h[-1])}\n")
+                out.append(f"{name}_count{_labels({'service': service})} {total}\n")
+        now, expiry, crls = time.time(), [], []
+        for service, svc in sorted(services.items()):
+            certificates = {cert_fingerprint(der): (role, name, der) for role, name, der in svc._watched()}
+            policy = getattr(svc.settings, "policy", None)
+            for fp, (role, name, der) in self.seen.get(service, {}).items():
+                if fp not in certificates and not (policy is not None and policy.barred(der)):
+                    certificates[fp] = (role, name, der)
+            for fp, (role, name, der) in certificates.items():
+                labels = {"service": service, "role": role, "name": name, "sha256": fp.hex()}
+                expiry.append((labels, round(_not_after(der) - now)))
+            for path in getattr(svc.cfg, "crl", ()):
+                nxt = _crl_next_update(path)
+                if nxt is not None:
+                    crls.append(({"service": service, "file": path}, round(nxt.timestamp() - now)))
+        family("certproxy_certificate_expiry_seconds", "gauge",
+               "Seconds until a certificate expires (negative: expired); role own, allowed, client_ca, client "
+               "(an allowed client seen), ca, upstream (the server a client service reached)", expiry)
+        family("certproxy_crl_next_update_seconds", "gauge", "Seconds until a --crl is due for a fresh one", crls)
+        return "".join(out).encode()
+
+
+_METRICS: _Metrics | None = None  # set by --metrics
+
+
+def _labels(labels: dict[str, str]) -> str:
+    """``{k="v",...}`` with the text format's escapes (backslash, double quote, line feed)."""
+    def value(v) -> str:
+        return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return "{" + ",".join(f'{k}="{value(v)}"' for k, v in labels.items()) + "}"
+
+
+def _number(value: float) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _not_after(der: bytes) -> float:
+    from cryptography import x509
+
+    return _validity(x509.load_der_x509_certificate(der))[1].timestamp()
+
+
+def metrics_endpoint(text: str, public: bool) -> Endpoint:
+    """``--metrics``: HOST:PORT, or a bare PORT on 127.0.0.1. A public address only with
+    --metrics-public: the figures name clients' certificates and how much mail flows."""
+    text = text.strip()
+    ep = Endpoint(host="127.0.0.1", port=int(text)) if text.isdigit() else Endpoint.parse(text, "--metrics")
+    if not 0 < ep.port <= 65535:
+        raise ConfigError("--metrics", f"{text!r}: give a port 1-65535")
+    if not ep.is_loopback() and not public:
+        raise ConfigError("--metrics", f"{ep} is not a loopback address: the metrics name your clients' "
+                                       "certificates; add --metrics-public to serve them there anyway (firewall it)")
+    return ep
+
+
+async def _serve_metrics(ep: Endpoint, services) -> asyncio.base_events.Server:
+    """A minimal HTTP/1.1 endpoint: GET /metrics (or /) answers ``_METRICS.render(services())``.
+    Bounded: request size, time, concurrent connections."""
+    busy = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        busy[0] += 1
+        try:
+            if busy[0] > METRICS_MAX_CONNECTIONS:
+                return
+            async with asyncio.timeout(METRICS_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+            method, target = (head.split(b" ") + [b"", b""])[:2]
+            status, body = "200 OK", b""
+            if method not in (b"GET", b"HEAD"):
+                status, body = "405 Method Not Allowed", b"GET /metrics\n"
+            elif target.split(b"?")[0] not in (b"/metrics", b"/"):
+                status, body = "404 Not Found", b"GET /metrics\n"
+            else:
+                body = _METRICS.render(services())
+            kind = "text/plain; version=0.0.4; charset=utf-8"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + (body if method != b"HEAD" else b""))
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            busy[0] -= 1
+            writer.close()
+
+    try:
+        return await asyncio.start_server(handle, ep.host, ep.port, limit=METRICS_MAX_REQUEST,
+                                          reuse_address=True)
+    except OSError as e:
+        raise ConfigError("--metrics", _cannot_listen(ep, e)) from None
+
+
 _EXPIRY_ACTIONS = {
     "--allow": "ask its owner for a renewed certificate and put that in --allow; until then that client is "
                "refused, everyone else is served",
     "--client-ca": "renew the CA (certproxy ca init) and re-issue its certificates; until then its clients are refused",
     "--ca": "get the mail server's new CA bundle; until then the upstream is refused unless a --pin matches",
+    "--crl": "sign a fresh one (certproxy ca crl --dir CA_DIR), copy it here and reload; the old one is still enforced",
 }
 
 
@@ -2406,6 +2690,7 @@ class _Listener:
         self.active: set[asyncio.Task] = set()
         self._accepting: asyncio.Task | None = None
         self._watching: asyncio.Task | None = None
+        self._watched_cache: tuple | None = None
 
     @property
     def cfg(self):
@@ -2422,6 +2707,42 @@ class _Listener:
     def _certificate_files(self) -> list[tuple[str, str]]:
         """(option, path) of every certificate file this service relies on, for the expiry watch."""
         return []
+
+    def _watched(self) -> list[tuple[str, str, bytes]]:
+        """(role, name, certificate) for every certificate file this service relies on, for the
+        metrics' expiry gauge; read once per configuration (a reload brings a new one)."""
+        cached = self._watched_cache
+        if cached is None or cached[0] is not self.settings:
+            roles = {"--cert": "own", "--allow": "allowed", "--client-ca": "client_ca", "--ca": "ca"}
+            policy = getattr(self.settings, "policy", None)
+            items = []
+            for option, path in self._certificate_files():
+                try:
+                    ders = _pem_to_der(path)
+                except (OSError, ValueError):
+                    continue
+                for der in ders[:1] if option == "--cert" else ders:  # our own: the leaf, not its chain
+                    name = policy.name(der) if option == "--allow" else certificate_subject(der)
+                    items.append((roles[option], name, der))
+            cached = self._watched_cache = (self.settings, items)
+        return cached[1]
+
+    def _expiring(self) -> list[tuple[str, str, str, str]]:
+        """(option, file, subject, problem) for every configured certificate that expires within
+        EXPIRY_WARNING_DAYS or has expired, and every --crl due for a fresh one: what the daily watch
+        logs and ``check`` prints."""
+        out = []
+        for option, path in self._certificate_files():
+            try:
+                ders = _pem_to_der(path)
+            except (OSError, ValueError):
+                continue
+            out += [(option, path, certificate_subject(der), problem) for der in ders
+                    if (problem := expiry_problem(der))]
+        for path in getattr(self.cfg, "crl", ()):
+            if problem := crl_problem(path):
+                out.append(("--crl", path, "CRL", problem))
+        return out
 
     def _busy_reply(self) -> bytes | None:
         return None
@@ -2444,18 +2765,11 @@ class _Listener:
         """At start-up and daily: a warning when a configured certificate expires within 30 days,
         an error once it has."""
         while True:
-            for option, path in self._certificate_files():
-                try:
-                    ders = _pem_to_der(path)
-                except (OSError, ValueError):
-                    continue
-                for der in ders:
-                    problem = expiry_problem(der)
-                    if problem:
-                        level = logging.ERROR if problem.startswith("EXPIRED") else logging.WARNING
-                        _log_event(level, "certificate", service=self.service_name, option=option, file=path,
-                                   subject=certificate_subject(der), problem=problem, action=_EXPIRY_ACTIONS.get(
-                                       option, "renew it (certproxy gencert NAME --force) and reload"))
+            for option, path, subject, problem in self._expiring():
+                level = logging.ERROR if problem.startswith(("EXPIRED", "OUTDATED")) else logging.WARNING
+                _log_event(level, "certificate" if option != "--crl" else "crl", service=self.service_name,
+                           option=option, file=path, subject=subject, problem=problem, action=_EXPIRY_ACTIONS.get(
+                               option, "renew it (certproxy gencert NAME --renew) and reload"))
             await asyncio.sleep(86400)
 
     async def _listen(self) -> None:
@@ -2497,6 +2811,8 @@ class _Listener:
                 sock.close()
                 _log_event(logging.WARNING, "refused", service=self.service_name, peer=peer, outcome="busy",
                            reason=why)
+                if _METRICS is not None:
+                    _METRICS.refused(self.service_name, "busy")
                 continue
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
             task = loop.create_task(self._run(self._new_session(sock, peer, addr), sock, peer))
@@ -2554,10 +2870,14 @@ class _Listener:
                 sock.close()
             _close_all(s.client, s.far)
             client, far = s.client, s.far
+            bytes_in, bytes_out = client.nbytes if client else 0, far.nbytes if far else 0
+            duration = time.monotonic() - s.t0
             _log_event(logging.INFO if s.outcome == "ok" else logging.WARNING, "session", id=s.sid,
                        service=self.service_name, worker=_WORKER, **{"peer": peer, **s.facts},
-                       bytes_in=client.nbytes if client else 0, bytes_out=far.nbytes if far else 0,
-                       duration=round(time.monotonic() - s.t0, 3), outcome=s.outcome, reason=s.reason)
+                       bytes_in=bytes_in, bytes_out=bytes_out, duration=round(duration, 3), outcome=s.outcome,
+                       reason=s.reason)
+            if _METRICS is not None:
+                _METRICS.session(self.service_name, s, bytes_in, bytes_out, duration)
             _release(client, far)
 
     async def stop(self, grace: float = 0) -> None:
@@ -2626,6 +2946,7 @@ class _ClientSession(_Session):
             if failures:
                 self.facts["failover"] = "; ".join(e.reason for e in failures)
             return
+        self.refusal = "upstream"
         raise SessionError(failures[-1].reply, "; ".join(e.reason for e in failures), outcome="refused")
 
     async def _open(self, up: Upstream) -> _Pump:
@@ -2650,8 +2971,10 @@ class _ClientSession(_Session):
                 pump.start_tls(tls)
             phase, reply = "handshake", "421 4.7.0 TLS with upstream failed"
             try:
+                t0 = time.monotonic()
                 async with asyncio.timeout(to.handshake):
                     await pump.handshake
+                self.handshake_s = time.monotonic() - t0
             except SessionError as e:
                 if tls.check.refusal:
                     raise PeerRejected("421 4.7.0 upstream certificate not trusted", tls.check.refusal) from None
@@ -2664,6 +2987,8 @@ class _ClientSession(_Session):
                                    f"server certificate not trusted by --ca: {_verify_error(errno)} (depth {depth})")
             self.facts.update(tls.facts())
             self.facts["server_fp"] = format_fingerprint(cert_fingerprint(tls.check.der))
+            if _METRICS is not None:
+                _METRICS.saw(cfg.name, "upstream", str(ep), tls.check.der)
             expired = _expired_on(tls.check.der)
             if expired:  # pinning makes it work; the user should still know
                 self.facts["warning"] = (f"the server's certificate expired on {expired}; the pin keeps it working, "
@@ -2882,6 +3207,7 @@ class _ServerSession(_Session):
         if gate.state is _GateState.CLOSED:
             await _goodbye(self.client, b"")
             self.finish("refused" if gate.refused_clear else "closed", gate.reason or "client left before STARTTLS")
+            self.refusal = "cleartext"
         elif gate.state is _GateState.HANDOVER:
             # --starttls-optional: a client staying in clear is a stranger, whatever it claims.
             self.facts["cert"] = "none"
@@ -2898,10 +3224,13 @@ class _ServerSession(_Session):
                 self.client = await _adopt(self.sock, tls)
             else:
                 self.client.start_tls(tls)
+            t0 = time.monotonic()
             await self.client.handshake
+            self.handshake_s = time.monotonic() - t0
         except SessionError as e:
             if self.client.tls_error:  # refused by our TLS policy (old protocol, no shared cipher), or garbage
                 refused = any(w in e.reason for w in _POLICY_REFUSALS)
+                self.refusal = "tls_policy"
                 raise SessionError("", f"TLS handshake failed: {e.reason}",
                                    outcome="refused" if refused else "failed") from None
             raise SessionError("", f"client closed the connection during the TLS handshake ({e.reason})") from None
@@ -2920,17 +3249,19 @@ class _ServerSession(_Session):
         facts = self.facts
         if der is None:
             reply, why = "530 5.7.0 client certificate required", "no client certificate"
-            facts["cert"] = "none"
+            facts["cert"], self.refusal = "none", "no_certificate"
         else:
             verdict = policy.judge(der, self.tls)
             facts["cert_subject"], facts["cert_fp"] = verdict.subject, verdict.fingerprint
             if verdict.allowed:
                 facts["cert"], facts["cert_name"] = "allowed", verdict.name
+                if _METRICS is not None:
+                    _METRICS.saw(cfg.name, "client", verdict.name, der)
                 self.route, self.login = cfg.backend, verdict.name
                 return
             facts["cert"] = "refused"
             facts["cert_issuer"], facts["cert_spki"] = verdict.issuer, verdict.spki
-            reply, why = verdict.reply, verdict.why
+            reply, why, self.refusal = verdict.reply, verdict.why, verdict.kind
             if cfg.client_cert != "none":
                 facts["action"] = _allow_hint(cfg, verdict)
         if cfg.client_cert != "required":
@@ -3020,6 +3351,8 @@ class _ServerSession(_Session):
 
 def _allow_hint(cfg: ServerConfig, verdict: Verdict) -> str:
     """What the operator adds to let a refused certificate in (pasteable)."""
+    if verdict.kind in ("revoked", "denied"):
+        return "none: it is shut out on purpose (--crl / --deny-fingerprint); its owner needs a new certificate"
     if verdict.reply.startswith("554 5.7.1 certificate expired") or "not valid before" in verdict.why:
         return "ask the certificate's owner for a renewed one and put that in --allow (or issue it from --client-ca)"
     if cfg.client_ca and cfg.allow_fingerprints.digests:
@@ -3092,16 +3425,15 @@ class ServerService(_Listener):
 # region Tools: certificates ----------------------------------------------------------------------
 
 
-EXPIRY_WARNING_DAYS = 30  # warn this long before a configured certificate expires
-
-
 def make_certificate(name: str, *, usage: str = "both", sans: tuple[str, ...] = (), days: int = 825,
-                     rsa: bool = False, issuer: tuple | None = None, ca: bool = False) -> tuple[bytes, bytes]:
+                     rsa: bool = False, issuer: tuple | None = None, ca: bool = False,
+                     key=None) -> tuple[bytes, bytes]:
     """A certificate every peer accepts; returns (cert PEM, key PEM).
 
     Leaf (default): CA:FALSE, EKU serverAuth and/or clientAuth (``usage`` server, client or both),
     SANs (``name`` when it looks like a host name, plus ``sans``). Self-signed, or signed by
     ``issuer`` = (CA certificate, CA key). ``ca=True`` makes a private CA (CA:TRUE, pathlen 0).
+    ``key``: an existing private key (a renewal that keeps SPKI pins valid), else a new one.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -3109,7 +3441,9 @@ def make_certificate(name: str, *, usage: str = "both", sans: tuple[str, ...] = 
     from cryptography.hazmat.primitives.asymmetric import rsa as rsa_mod
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    key = rsa_mod.generate_private_key(65537, 3072) if rsa else ec.generate_private_key(ec.SECP256R1())
+    if key is None:
+        key = rsa_mod.generate_private_key(65537, 3072) if rsa else ec.generate_private_key(ec.SECP256R1())
+    rsa = isinstance(key, rsa_mod.RSAPrivateKey)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_cert, issuer_key = issuer if issuer else (None, key)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -3216,21 +3550,318 @@ def _paste_lines(name: str, cert_path: str, der: bytes, *, role: str, ca_path: s
 """
 
 
+def _renewal(args: argparse.Namespace, issuer: tuple | None) -> tuple[object, tuple[str, ...], str, object]:
+    """``--renew``: the certificate in --dir to renew, its SANs and usage, and its key (None with
+    --new-key). Renewing keeps the name, SANs and usage; only the dates (and with --new-key the key)
+    change."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    cert_path = os.path.join(args.dir, f"{args.name}.pem")
+    key_path = os.path.join(args.dir, f"{args.name}.key")
+    try:
+        old = x509.load_der_x509_certificate(_pem_to_der(cert_path)[0])
+    except (OSError, ValueError, IndexError):
+        raise ConfigError("--renew", f"{cert_path} is not there (or holds no certificate): nothing to renew; "
+                                     "leave out --renew to make a new certificate") from None
+    if issuer is None and old.issuer != old.subject:
+        raise ConfigError("--renew", f"{cert_path} was issued by {old.issuer.rfc4514_string()}: renew it from that "
+                                     f"CA (certproxy ca issue {args.name} --renew --dir CA_DIR)")
+    if issuer is not None and old.issuer != issuer[0].subject:
+        raise ConfigError("--renew", f"{cert_path} was issued by {old.issuer.rfc4514_string()}, not by this CA "
+                                     f"({issuer[0].subject.rfc4514_string()})")
+    key = None
+    if not args.new_key:
+        try:
+            with open(key_path, "rb") as f:
+                key = serialization.load_pem_private_key(f.read(), password=None)
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError("--renew", f"cannot load the key {key_path} ({getattr(e, 'strerror', None) or e}); "
+                                         "add --new-key to renew with a new key") from None
+    try:
+        sans = tuple(str(n.value) for n in old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        sans = ()
+    try:
+        ekus = set(old.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        ekus = set()
+    usage = {frozenset({ExtendedKeyUsageOID.SERVER_AUTH}): "server",
+             frozenset({ExtendedKeyUsageOID.CLIENT_AUTH}): "client"}.get(frozenset(ekus), "both")
+    return old, sans, usage, key
+
+
 def _cmd_gencert(args: argparse.Namespace) -> int:
     issuer = _load_ca(args.ca) if args.ca else None
     if args.days < 1:
         raise ConfigError("--days", "must be at least 1")
-    cert_pem, key_pem = make_certificate(args.name, sans=tuple(args.san), days=args.days, rsa=args.rsa,
-                                         issuer=issuer)
-    cert_path, key_path = _write_pair(args.dir, args.name, cert_pem, key_pem, args.force)
+    renew, new_key = getattr(args, "renew", False), getattr(args, "new_key", False)
+    if new_key and not renew:
+        raise ConfigError("--new-key", "only with --renew (a new certificate always has a new key)")
+    old, sans, usage, key = _renewal(args, issuer) if renew else (None, (), "both", None)
+    if old is not None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        args.rsa = args.rsa or isinstance(old.public_key(), rsa.RSAPublicKey)
+    cert_pem, key_pem = make_certificate(args.name, usage=usage, sans=tuple(dict.fromkeys(sans + tuple(args.san))),
+                                         days=args.days, rsa=args.rsa, issuer=issuer, key=key)
+    cert_path, key_path = _write_pair(args.dir, args.name, cert_pem, key_pem, args.force or renew)
     der = _pem_to_der(cert_path)[0]
     kind = "issued by " + issuer[0].subject.rfc4514_string() if issuer else "self-signed"
-    print(f"wrote {cert_path} and {key_path} (mode 0600), {kind}, valid {args.days} days\n")
+    if issuer:
+        _record_issued(_ca_dir(args.ca), der)
+    done = "renewed" if renew else "wrote"
+    print(f"{done} {cert_path} and {key_path} (mode 0600), {kind}, valid {args.days} days\n")
     ca_path = (os.path.join(args.ca, "ca.pem") if os.path.isdir(args.ca) else args.ca) if args.ca else None
     role = getattr(args, "role", "auto")
     if role == "auto":  # a host name with a dot, or SANs: a server; a bare name (laptop, alice): a client
         role = "server" if args.san or ("." in args.name and not issuer) else "client"
     print(_paste_lines(args.name, cert_path, der, role=role, ca_path=ca_path))
+    if old is not None:
+        print(_renewal_note(old, der, role, issuer is not None))
+    return 0
+
+
+def _renewal_note(old, der: bytes, role: str, from_ca: bool) -> str:
+    """What a renewal changes for the other side: with the same key, SPKI pins and --allow-fingerprint
+    SPKI entries still match; the certificate's own fingerprint always changes."""
+    from cryptography.hazmat.primitives import serialization
+
+    old_der = old.public_bytes(serialization.Encoding.DER)
+    until = f"{_validity(old)[1]:%Y-%m-%d}"
+    where = "its --pin on each laptop" if role == "server" else \
+        "the file in --allow, a certificate --allow-fingerprint, Postfix relay_clientcerts"
+    if spki_fingerprint(old_der) == spki_fingerprint(der):
+        return (f"  Same key as before: SPKI pins ({format_fingerprint(spki_fingerprint(der))}) keep matching.\n"
+                f"  The certificate SHA-256 changed: update {where} if they name the old one\n"
+                f"  ({format_fingerprint(cert_fingerprint(old_der))}).")
+    revoke = " (certproxy ca revoke FILE to end it now)" if from_ca else ""
+    return (f"  New key: every pin and allow entry of the old certificate must be replaced ({where}).\n"
+            f"  The old certificate stays valid until {until}{revoke}.")
+
+
+# The CA's index of what it issued: OpenSSL's 'ca' format (index.txt: status, notAfter, revocation
+# date[,reason], serial, file, subject), so 'openssl ca' reads it too; a copy of each certificate in
+# issued/SERIAL.pem; crlnumber and crl.pem beside them.
+_INDEX = "index.txt"
+
+
+def _ca_dir(spec: str) -> str:
+    return spec if os.path.isdir(spec) else os.path.dirname(os.path.abspath(spec))
+
+
+def _asn1_time(when: datetime.datetime) -> str:
+    return when.strftime("%y%m%d%H%M%SZ" if when.year < 2050 else "%Y%m%d%H%M%SZ")  # RFC 5280 4.1.2.5
+
+
+def _from_asn1_time(text: str) -> datetime.datetime:
+    fmt = "%y%m%d%H%M%SZ" if len(text) == 13 else "%Y%m%d%H%M%SZ"
+    return datetime.datetime.strptime(text, fmt).replace(tzinfo=_UTC)
+
+
+def _read_index(ca_dir: str) -> list[list[str]]:
+    path = os.path.join(ca_dir, _INDEX)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ConfigError(_INDEX, f"cannot read {path}: {e.strerror}") from None
+    rows = [line.split("\t") for line in lines]
+    for n, row in enumerate(rows, 1):
+        if len(row) != 6 or row[0] not in ("V", "R", "E"):
+            raise ConfigError(_INDEX, f"{path} line {n} is not an OpenSSL CA index line (6 tab-separated fields)")
+    return rows
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _write_index(ca_dir: str, rows: list[list[str]]) -> None:
+    _write_atomically(os.path.join(ca_dir, _INDEX), "".join("\t".join(r) + "\n" for r in rows).encode())
+
+
+def _index_row(der: bytes) -> list[str]:
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    serial = f"{cert.serial_number:X}"
+    serial = serial.zfill(len(serial) + len(serial) % 2)
+    dn = "".join(f"/{a.rfc4514_string()}" for a in cert.subject)
+    return ["V", _asn1_time(_validity(cert)[1]), "", serial, f"issued/{serial}.pem", dn]
+
+
+def _record_issued(ca_dir: str, der: bytes) -> list[str]:
+    """Add a certificate the CA issued to its index (and keep a copy): 'ca list' and 'ca revoke' work
+    from there."""
+    row = _index_row(der)
+    rows = _read_index(ca_dir)
+    os.makedirs(os.path.join(ca_dir, "issued"), exist_ok=True)
+    with open(os.path.join(ca_dir, row[4]), "wb") as f:
+        f.write(_der_to_pem(der))
+    if not any(r[3] == row[3] for r in rows):
+        rows.append(row)
+        _write_index(ca_dir, rows)
+    return row
+
+
+def _der_to_pem(der: bytes) -> bytes:
+    import base64
+    import textwrap
+
+    body = "\n".join(textwrap.wrap(base64.b64encode(der).decode(), 64))
+    return f"-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n".encode()
+
+
+def _row_name(row: list[str]) -> str:
+    m = re.search(r"/CN=((?:[^/\\]|\\.)*)", row[5])
+    return m.group(1).replace("\\", "") if m else row[5]
+
+
+def _reason(text: str):
+    """A revocation reason in OpenSSL's or RFC 5280's spelling, any case (key-compromise, keyCompromise)."""
+    from cryptography import x509
+
+    want = re.sub(r"[-_ ]", "", text).lower()
+    for flag in x509.ReasonFlags:
+        if flag.value.lower() == want:
+            return flag
+    names = ", ".join(f.value for f in x509.ReasonFlags if f is not x509.ReasonFlags.remove_from_crl)
+    raise ConfigError("--reason", f"{text!r}: expected one of {names}")
+
+
+def _write_crl(ca_dir: str, ca: tuple, rows: list[list[str]], days: int) -> tuple[str, int, datetime.datetime]:
+    """Sign crl.pem from the index's revoked rows (a standard X.509 v2 CRL with CRL number and
+    authority key identifier: Postfix, Exim and stunnel read it too). Returns (path, count, nextUpdate)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca_cert, ca_key = ca
+    number_path = os.path.join(ca_dir, "crlnumber")
+    try:
+        with open(number_path) as f:
+            number = int(f.read().strip(), 16)
+    except (OSError, ValueError):
+        number = 1
+    now = datetime.datetime.now(_UTC)
+    next_update = now + datetime.timedelta(days=days)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(now - datetime.timedelta(minutes=5)).next_update(next_update)
+               .add_extension(x509.CRLNumber(number), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False))
+    count = 0
+    for row in rows:
+        if row[0] != "R":
+            continue
+        date, _, reason = row[2].partition(",")
+        entry = x509.RevokedCertificateBuilder().serial_number(int(row[3], 16)).revocation_date(_from_asn1_time(date))
+        if reason and _reason(reason) is not x509.ReasonFlags.unspecified:  # RFC 5280 5.3.1: then absent
+            entry = entry.add_extension(x509.CRLReason(_reason(reason)), critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
+        count += 1
+    crl = builder.sign(ca_key, hashes.SHA256())
+    path = os.path.join(ca_dir, "crl.pem")
+    _write_atomically(path, crl.public_bytes(serialization.Encoding.PEM))
+    _write_atomically(number_path, f"{number + 1:02X}\n".encode())
+    return path, count, next_update
+
+
+def _cmd_ca_revoke(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    if args.crl_days < 1:
+        raise ConfigError("--crl-days", "must be at least 1")
+    ca = _load_ca(args.dir)
+    ca_dir = _ca_dir(args.dir)
+    rows = _read_index(ca_dir)
+    reason = _reason(args.reason)
+    if os.path.isfile(args.target):  # a certificate file: exactly that one
+        try:
+            der = _pem_to_der(args.target)[0]
+        except (OSError, ValueError, IndexError):
+            raise ConfigError("NAME|FILE", f"{args.target} holds no PEM certificate") from None
+        if not _signed_by(x509.load_der_x509_certificate(der), ca[0]):
+            raise ConfigError("NAME|FILE", f"{args.target} was not issued by this CA "
+                                           f"({ca[0].subject.rfc4514_string()}): nothing to revoke here; on the "
+                                           f"server, --deny-fingerprint {format_fingerprint(cert_fingerprint(der))}")
+        serial = _index_row(der)[3]
+        if not any(r[3] == serial for r in rows):  # issued before the CA kept an index
+            _record_issued(ca_dir, der)
+            rows = _read_index(ca_dir)
+        targets = [r for r in rows if r[3] == serial]
+    else:  # a name: every certificate of that name still valid (a renewed one and its predecessor alike)
+        now = datetime.datetime.now(_UTC)
+        targets = [r for r in rows if _row_name(r) == args.target and r[0] == "V" and _from_asn1_time(r[1]) > now]
+        if not targets:
+            raise ConfigError("NAME|FILE", f"no valid certificate named {args.target!r} in "
+                                           f"{os.path.join(ca_dir, _INDEX)} (certproxy ca list --dir {args.dir} "
+                                           "shows them); or give the certificate file")
+    when = _asn1_time(datetime.datetime.now(_UTC))
+    for row in targets:
+        if row[0] == "R":
+            print(f"already revoked: {_row_name(row)} serial {row[3]} ({row[2]})")
+            continue
+        row[0], row[2] = "R", when + ("" if reason is x509.ReasonFlags.unspecified else f",{reason.value}")
+        print(f"revoked {_row_name(row)} serial {row[3]} ({reason.value})")
+    _write_index(ca_dir, rows)
+    path, count, next_update = _write_crl(ca_dir, ca, rows, args.crl_days)
+    print(f"\nwrote {path}: {count} revoked, next update {next_update:%Y-%m-%d}\n"
+          f"  On the mail server: copy it there, give certproxy server --crl /etc/certproxy/crl.pem (once),\n"
+          f"  then reload: systemctl reload certproxy (or kill -HUP). Sessions already open finish; the next\n"
+          f"  connection with a revoked certificate is refused (554 5.7.1 certificate revoked on DATE).")
+    return 0
+
+
+def _cmd_ca_crl(args: argparse.Namespace) -> int:
+    if args.days < 1:
+        raise ConfigError("--days", "must be at least 1")
+    ca_dir = _ca_dir(args.dir)
+    path, count, next_update = _write_crl(ca_dir, _load_ca(args.dir), _read_index(ca_dir), args.days)
+    print(f"wrote {path}: {count} revoked, next update {next_update:%Y-%m-%d}; copy it to the mail server and reload")
+    return 0
+
+
+def _cmd_ca_list(args: argparse.Namespace) -> int:
+    """Name, serial, SHA-256, not-after and state of every certificate the CA issued, and a warning for
+    those that expire within EXPIRY_WARNING_DAYS."""
+    ca_dir = _ca_dir(args.dir)
+    _load_ca(args.dir)
+    rows = _read_index(ca_dir)
+    if not rows:
+        print(f"{os.path.join(ca_dir, _INDEX)}: no certificates issued yet (certproxy ca issue NAME --dir {args.dir})")
+        return 0
+    now = datetime.datetime.now(_UTC)
+    table = [("NAME", "SERIAL", "SHA-256", "NOT AFTER", "STATE", "WARNING")]
+    for row in rows:
+        try:
+            fp = format_fingerprint(cert_fingerprint(_pem_to_der(os.path.join(ca_dir, row[4]))[0]))
+        except (OSError, ValueError, IndexError):
+            fp = "? (no copy in " + row[4] + ")"
+        not_after = _from_asn1_time(row[1])
+        left = not_after - now
+        if row[0] == "R":
+            date, _, reason = row[2].partition(",")
+            state, warning = f"revoked {_from_asn1_time(date):%Y-%m-%d} ({reason or 'unspecified'})", ""
+        elif left.total_seconds() <= 0:
+            state, warning = "expired", ""
+        else:
+            state = "valid"
+            warning = f"expires in {left.days} days" if left.days < EXPIRY_WARNING_DAYS else ""
+        table.append((_row_name(row), row[3], fp, f"{not_after:%Y-%m-%d}", state, warning))
+    widths = [max(len(r[i]) for r in table) for i in range(5)]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + ("  " + r[5] if r[5] else ""))
+    crl = os.path.join(ca_dir, "crl.pem")
+    if os.path.exists(crl):
+        revoked = sum(r[0] == "R" for r in rows)
+        problem = crl_problem(crl)
+        print(f"\n{crl}: {revoked} revoked" + (f"; WARNING: {problem}: certproxy ca crl --dir {args.dir}" if problem else ""))
     return 0
 
 
@@ -3243,6 +3874,12 @@ def _cmd_ca(args: argparse.Namespace) -> int:
               f"  on the mail server:         certproxy server ... --client-ca {cert_path}\n"
               f"  keep {key_path} off the mail server.")
         return 0
+    if args.ca_command == "revoke":
+        return _cmd_ca_revoke(args)
+    if args.ca_command == "list":
+        return _cmd_ca_list(args)
+    if args.ca_command == "crl":
+        return _cmd_ca_crl(args)
     args.ca = args.dir
     args.san = getattr(args, "san", [])
     return _cmd_gencert(args)
@@ -3577,6 +4214,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N", help="default %(default)s")
     _add_service_options(c)
     _add_workers_option(c)
+    _add_metrics_options(c)
     c.set_defaults(func=_cmd_client)
 
     sv = sub.add_parser("server", help="mail-server side: mutual TLS in, plain SMTP to the local MTA")
@@ -3593,6 +4231,11 @@ def _build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allow-fingerprint", action="append", default=[], metavar="'FP [NAME]'",
                     help="narrow --client-ca / --allow to these certificate or public-key SHA-256s; "
                          "NAME is who the certificate is (XCLIENT LOGIN, logs)")
+    sv.add_argument("--crl", action="append", default=[], metavar="FILE",
+                    help="refuse certificates this CRL (signed by --client-ca; 'certproxy ca revoke' writes one) "
+                         "revokes; repeatable, re-read on SIGHUP")
+    sv.add_argument("--deny-fingerprint", action="append", default=[], metavar="'FP [NOTE]'",
+                    help="refuse this certificate or public-key SHA-256 whatever allows it (a stolen laptop); repeatable")
     sv.add_argument("--client-cert", choices=("required", "optional", "none"), default="required",
                     help="required (default): no allowed certificate, no entry; optional: such clients go to "
                          "--untrusted-backend; none: ask for none, everyone goes there")
@@ -3618,6 +4261,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="IPv6 clients count as one per network of this size for --max-per-ip (default %(default)s)")
     _add_service_options(sv)
     _add_workers_option(sv)
+    _add_metrics_options(sv)
     sv.set_defaults(func=_cmd_server)
 
     r = sub.add_parser("run", help="run every service in a TOML config file (SIGHUP reloads it)")
@@ -3625,6 +4269,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--grace", type=float, default=GRACE_S, metavar="SECONDS",
                    help="on SIGTERM, let live sessions finish this long (default %(default)s)")
     _add_workers_option(r)
+    _add_metrics_options(r)
     r.set_defaults(func=_cmd_run)
     k = sub.add_parser("check", help="validate a TOML config file without starting anything")
     k.add_argument("config", metavar="CONFIG.toml")
@@ -3640,13 +4285,16 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--san", action="append", default=[], metavar="NAME", help="extra DNS name or IP address")
     g.add_argument("--ca", metavar="DIR_OR_FILE", help="issue from this CA (see 'certproxy ca init') instead of self-signing")
     g.add_argument("--force", action="store_true", help="overwrite existing files")
+    g.add_argument("--renew", action="store_true",
+                   help="re-issue --dir/NAME.pem with new dates, same name, SANs and key (SPKI pins keep matching)")
+    g.add_argument("--new-key", action="store_true", help="with --renew: a new key too")
     g.add_argument("--role", choices=("auto", "server", "client"), default="auto",
                    help="which paste lines to print: a server's (--pin) or a laptop's (--allow); auto: a name "
                         "with a dot or --san is a server")
     g.set_defaults(func=_cmd_gencert)
 
     ca = sub.add_parser("ca", help="a private CA for many laptops")
-    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="init|issue")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="init|issue|revoke|list|crl")
     ci = ca_sub.add_parser("init", help="make certs/ca.pem + certs/ca.key")
     ci.add_argument("--dir", default="certs", help="default %(default)s")
     ci.add_argument("--name", default="certproxy private CA", help="CA common name")
@@ -3660,6 +4308,21 @@ def _build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--rsa", action="store_true", help="RSA 3072 instead of ECDSA P-256")
     cs.add_argument("--san", action="append", default=[], metavar="NAME", help="extra DNS name or IP address")
     cs.add_argument("--force", action="store_true", help="overwrite existing files")
+    cs.add_argument("--renew", action="store_true",
+                    help="re-issue NAME with new dates, same SANs and key (SPKI pins keep matching)")
+    cs.add_argument("--new-key", action="store_true", help="with --renew: a new key too")
+    cv = ca_sub.add_parser("revoke", help="revoke a certificate and write DIR/crl.pem for certproxy server --crl")
+    cv.add_argument("target", metavar="NAME|FILE", help="every valid certificate of that name, or that certificate file")
+    cv.add_argument("--dir", default="certs", help="the CA's directory (default %(default)s)")
+    cv.add_argument("--reason", default="unspecified",
+                    help="RFC 5280 reason: keyCompromise, affiliationChanged, superseded, cessationOfOperation, ...")
+    cv.add_argument("--crl-days", type=int, default=CRL_DAYS, metavar="DAYS",
+                    help="the CRL's nextUpdate (default %(default)s days)")
+    cl = ca_sub.add_parser("list", help="every certificate the CA issued: name, serial, SHA-256, expiry, revoked")
+    cl.add_argument("--dir", default="certs", help="the CA's directory (default %(default)s)")
+    cc = ca_sub.add_parser("crl", help="sign a fresh DIR/crl.pem (before its nextUpdate)")
+    cc.add_argument("--dir", default="certs", help="the CA's directory (default %(default)s)")
+    cc.add_argument("--days", type=int, default=CRL_DAYS, help="nextUpdate (default %(default)s days)")
     ca.set_defaults(func=_cmd_ca)
 
     pr = sub.add_parser("probe", help="show a server's certificate, TLS version and the --pin line to paste")
@@ -3694,8 +4357,11 @@ def _add_log_options(p: argparse.ArgumentParser, default) -> None:
     p.add_argument("--log-format", default=default, choices=LOG_FORMATS, help="json: one object per line (default text)")
 
 
-def _file_log_options(path: str) -> dict[str, str]:
-    """``log-level`` / ``log-format`` at the top of a config file (errors there are load_config's to report)."""
+_PROCESS_KEYS = ("log-level", "log-format", "metrics", "metrics-public")  # top-level keys of a config file
+
+
+def _file_options(path: str) -> dict[str, object]:
+    """The process-wide keys at the top of a config file (errors there are load_config's to report)."""
     import tomllib
 
     if not os.path.isfile(path):  # a pipe (/dev/stdin) is read once, by load_config
@@ -3705,7 +4371,7 @@ def _file_log_options(path: str) -> dict[str, str]:
             doc = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError):
         return {}
-    return {k: v for k, v in doc.items() if k in ("log-level", "log-format") and isinstance(v, str)}
+    return {k: v for k, v in doc.items() if k in _PROCESS_KEYS and isinstance(v, (str, int, bool))}
 
 
 def _add_service_options(p: argparse.ArgumentParser) -> None:
@@ -3724,6 +4390,22 @@ def _add_service_options(p: argparse.ArgumentParser) -> None:
 def _add_workers_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="N processes sharing the listening port(s) (SO_REUSEPORT); default 1")
+
+
+def _add_metrics_options(p: argparse.ArgumentParser) -> None:
+    """Process-wide, like --workers (in a config file: top-level keys ``metrics``, ``metrics-public``)."""
+    p.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST default 127.0.0.1)")
+    p.add_argument("--metrics-public", action="store_true", default=None,
+                   help="allow --metrics on a non-loopback address")
+
+
+def _metrics_option(args: argparse.Namespace, in_file: dict | None = None) -> Endpoint | None:
+    in_file = in_file or {}
+    text = args.metrics or in_file.get("metrics")
+    if text is None:
+        return None
+    return metrics_endpoint(str(text), bool(args.metrics_public or in_file.get("metrics-public")))
 
 
 def _timeouts(args: argparse.Namespace) -> Timeouts:
@@ -3779,6 +4461,8 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow=tuple(args.allow),
         client_ca=args.client_ca,
         allow_fingerprints=Pins.parse(args.allow_fingerprint, "--allow-fingerprint", named=True),
+        crl=tuple(args.crl),
+        deny_fingerprints=Pins.parse(args.deny_fingerprint, "--deny-fingerprint", named=True),
         hostname=args.hostname,
         client_cert=args.client_cert,
         starttls_optional=args.starttls_optional,
@@ -3862,7 +4546,13 @@ def load_config(path: str, text: bytes | None = None) -> dict[str, _Listener]:
         allowed = LOG_LEVELS if key == "log-level" else LOG_FORMATS
         if key in doc and doc[key] not in allowed:
             raise ConfigError(f"{path} {key}", f"{doc[key]!r}: expected one of {', '.join(allowed)}")
-    unknown = set(doc) - {"client", "server", "log-level", "log-format"}
+    if "metrics" in doc:
+        if not isinstance(doc["metrics"], (str, int)) or isinstance(doc["metrics"], bool):
+            raise ConfigError(f"{path} metrics", "expected \"HOST:PORT\" or a port number")
+        metrics_endpoint(str(doc["metrics"]), doc.get("metrics-public") is True)
+    if "metrics-public" in doc and not isinstance(doc["metrics-public"], bool):
+        raise ConfigError(f"{path} metrics-public", "expected true or false")
+    unknown = set(doc) - {"client", "server", *_PROCESS_KEYS}
     if unknown:
         raise ConfigError(path, f"unknown table(s) {', '.join(sorted(unknown))}: use [client.NAME] or [server.NAME]")
     parser = _build_parser()
@@ -3891,9 +4581,9 @@ def _load_service(kind: str, name: str, table: object, where: str, path: str, se
     if name in seen:
         raise ConfigError(where, "a service of this name is defined twice")
     seen.add(name)
-    for key in ("workers", "grace", "log-level", "log-format"):
+    for key in ("workers", "grace", *_PROCESS_KEYS):
         if key in table:
-            where_instead = f"at the top of {path}, before any table" if key.startswith("log") else \
+            where_instead = f"at the top of {path}, before any table" if key in _PROCESS_KEYS else \
                 f"on the command line, certproxy run --{key} ... {path}"
             raise ConfigError(f"{where} --{key}", f"applies to the whole process: give it {where_instead}")
     sub.error = _raise_usage(where, sub)
@@ -3915,16 +4605,16 @@ def check_services(services: dict[str, _Listener]) -> tuple[list[str], list[str]
     one that is not this machine's is an error."""
     errors, notes = [], []
     for name, svc in services.items():
-        for option, path in svc._certificate_files():
-            for der in _pem_to_der(path):
-                problem = expiry_problem(der)
-                if not problem or not problem.startswith("EXPIRED"):
-                    continue
-                if option == "--cert":
-                    errors.append(f"[{name}] --cert: {path} {problem}: renew it (certproxy gencert NAME --force)")
-                else:
-                    notes.append(f"[{name}] {option}: {path} ({certificate_subject(der)}) {problem}: it is refused "
-                                 f"until its owner sends a renewed one; everyone else is served")
+        for option, path, subject, problem in svc._expiring():
+            if option == "--crl":
+                notes.append(f"[{name}] --crl: {path} {problem}: {_EXPIRY_ACTIONS['--crl']}")
+            elif not problem.startswith("EXPIRED"):
+                continue
+            elif option == "--cert":
+                errors.append(f"[{name}] --cert: {path} {problem}: renew it (certproxy gencert NAME --renew)")
+            else:
+                notes.append(f"[{name}] {option}: {path} ({subject}) {problem}: it is refused "
+                             f"until its owner sends a renewed one; everyone else is served")
         if isinstance(svc, ClientService):
             for up in svc.cfg.upstreams:  # the usual ports say which TLS mode to expect (RFC 8314)
                 port, mode = up.endpoint.port, up.mode
@@ -3968,9 +4658,10 @@ class _Supervisor:
     """Runs services; SIGHUP reloads them from ``loader`` (a broken new configuration is refused and
     the running one kept); SIGTERM/SIGINT stop accepting and let live sessions finish within ``grace``."""
 
-    def __init__(self, loader, grace: float) -> None:
+    def __init__(self, loader, grace: float, metrics: Endpoint | None = None) -> None:
         self.loader = loader
         self.grace = grace
+        self.metrics = metrics
         self.services: dict[str, _Listener] = {}
         self._reloading: asyncio.Task | None = None
         self._again = False  # a SIGHUP came while reloading: reload once more, with the newest file
@@ -3990,8 +4681,14 @@ class _Supervisor:
                 return
 
     async def run(self) -> None:
+        global _METRICS
         loop = asyncio.get_running_loop()
         self.services = self.loader()
+        metrics = None
+        if self.metrics is not None:  # before the services: a port it cannot have stops everything
+            _METRICS = _METRICS or _Metrics()
+            metrics = await _serve_metrics(self.metrics, lambda: self.services)
+            _log_event(logging.INFO, "metrics", listen=f"http://{self.metrics}/metrics")
         for svc in self.services.values():
             await svc.start()
         # What start-up made (modules, contexts, certificates) lives for the whole run: keep it out of
@@ -4008,6 +4705,8 @@ class _Supervisor:
         active = sum(len(s.active) for s in self.services.values())
         _log_event(logging.INFO, "stopping", sessions=active, grace=self.grace)
         await asyncio.gather(*(s.stop(self.grace) for s in self.services.values()))
+        if metrics is not None:
+            metrics.close()
         _log_event(logging.INFO, "stopped")
 
     async def reload(self) -> None:
@@ -4063,17 +4762,20 @@ def _raise_open_files_limit() -> None:
         pass
 
 
-def _supervise(loader, grace: float, workers: int = 1) -> int:
+def _supervise(loader, grace: float, workers: int = 1, metrics: Endpoint | None = None) -> int:
     # A reload asked for while we are still starting must neither kill us (SIGHUP's default action) nor
     # be lost: blocked (kept pending) until the supervisor's own handler is in place.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     services = loader()  # configuration errors surface here, before anything listens
     _raise_open_files_limit()
     if workers > 1:
+        if metrics is not None:
+            raise ConfigError("--metrics", "not with --workers: each worker would count only its own sessions; "
+                                           "use one process (it serves thousands of sessions) or leave out --metrics")
         return _run_workers(loader, grace, workers, services)
     first = [services]
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_Supervisor(lambda: first.pop() if first else loader(), grace).run())
+        runner.run(_Supervisor(lambda: first.pop() if first else loader(), grace, metrics).run())
     return 0
 
 
@@ -4183,11 +4885,13 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    return _supervise(lambda: {"client": ClientService(client_config_from_args(args))}, args.grace, _workers(args))
+    return _supervise(lambda: {"client": ClientService(client_config_from_args(args))}, args.grace, _workers(args),
+                      _metrics_option(args))
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    return _supervise(lambda: {"server": ServerService(server_config_from_args(args))}, args.grace, _workers(args))
+    return _supervise(lambda: {"server": ServerService(server_config_from_args(args))}, args.grace, _workers(args),
+                      _metrics_option(args))
 
 
 class _ConfigFile:
@@ -4226,7 +4930,8 @@ class _ConfigFile:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return _supervise(_ConfigFile(args.config), args.grace, _workers(args))
+    return _supervise(_ConfigFile(args.config), args.grace, _workers(args),
+                      _metrics_option(args, _file_options(args.config)))
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -4287,9 +4992,9 @@ def _identities(svc: _Listener) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     # The command line (before or after the command) wins over the config file's top-level keys.
-    in_file = _file_log_options(args.config) if getattr(args, "config", None) else {}
-    log_level = args.log_level or in_file.get("log-level", "info")
-    log_format = args.log_format or in_file.get("log-format", "text")
+    in_file = _file_options(args.config) if getattr(args, "config", None) else {}
+    log_level = str(args.log_level or in_file.get("log-level", "info"))
+    log_format = str(args.log_format or in_file.get("log-format", "text"))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if log_format == "json" else
                          logging.Formatter("%(asctime)s certproxy %(levelname)s %(message)s"))

@@ -121,7 +121,7 @@ class TestConfigErrors:
                         .replace(str(certs.server.key), str(tmp_path / "old.key")))
         r = cli("check", str(conf))
         assert r.returncode == 2 and f"[mx] --cert: {tmp_path / 'old.pem'} EXPIRED on" in r.stderr, r.stderr
-        assert "renew it (certproxy gencert NAME --force)" in r.stderr
+        assert "renew it (certproxy gencert NAME --renew)" in r.stderr
         # One client's expired certificate in --allow never takes the service down: a note, exit 0.
         conf.write_text(server_table(certs, free_port(), 25, name="mx").replace(
             f'allow = ["{certs.client.cert}"]', f'allow = ["{certs.client.cert}", "{tmp_path / "old.pem"}"]'))

@@ -2558,8 +2558,9 @@ class _Metrics:
                [({"service": k[0], "reason": k[1]}, v) for k, v in sorted(self.refusals.items())])
         family("certproxy_bytes_total", "counter", "Bytes from the client (in) and from the far side (out)",
                [({"service": k[0], "direction": k[1]}, v) for k, v in sorted(self.bytes.items())])
+        listeners = sorted(services.values(), key=lambda svc: svc.service_name)
         family("certproxy_sessions_active", "gauge", "Sessions open now",
-               [({"service": name}, len(svc.active)) for name, svc in sorted(services.items())])
+               [({"service": svc.service_name}, len(svc.active)) for svc in listeners])
         for name, hists, buckets, text in (
                 ("certproxy_handshake_seconds", self.handshake, HANDSHAKE_BUCKETS, "TLS handshake duration"),
                 ("certproxy_session_seconds", self.duration, SESSION_BUCKETS, "Session duration")):
@@ -2572,7 +2573,8 @@ class _Metrics:
                 out.append(f"{name}_sum{_labels({'service': service})} {_number(h[-1])}\n")
                 out.append(f"{name}_count{_labels({'service': service})} {total}\n")
         now, expiry, crls = time.time(), [], []
-        for service, svc in sorted(services.items()):
+        for svc in listeners:
+            service = svc.service_name
             certificates = {cert_fingerprint(der): (role, name, der) for role, name, der in svc._watched()}
             policy = getattr(svc.settings, "policy", None)
             for fp, (role, name, der) in self.seen.get(service, {}).items():

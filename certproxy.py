@@ -4986,6 +4986,15 @@ def _identities(svc: _Listener) -> str:
         out.append("    narrowed by --allow-fingerprint to:")
         out += [line("", names.get(d, "(no name)"), format_fingerprint(d), None)
                 for d in sorted(cfg.allow_fingerprints.digests)]
+    denied = dict(cfg.deny_fingerprints.names)
+    out += [line("--deny-fingerprint", denied.get(d, "(refused)"), format_fingerprint(d), None)
+            for d in sorted(cfg.deny_fingerprints.digests)]
+    for path in cfg.crl:
+        revoked = sum(r.crl == path for r in svc.policy.revoked.values())
+        nxt = _crl_next_update(path)
+        problem = crl_problem(path)
+        out.append(f"    {'--crl':<18} {path}: {revoked} revoked" + (f", next update {nxt:%Y-%m-%d}" if nxt else "")
+                   + (f"  {problem}" if problem else ""))
     if cfg.client_cert != "required":
         out.append(f"    and everyone else to --untrusted-backend {cfg.untrusted_backend}")
     return "\n".join(out) or "    (nobody)"

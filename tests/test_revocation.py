@@ -307,3 +307,15 @@ class TestIndexAndRenewal:
     def test_gencert_renew_of_a_ca_issued_certificate_points_at_the_ca(self, team):
         r = cli("gencert", "alice", "--renew", "--dir", str(team))
         assert r.returncode == 2 and "renew it from that CA (certproxy ca issue alice --renew --dir CA_DIR)" in r.stderr
+
+
+def test_check_list_shows_what_is_shut_out(tmp_path, certs, team):
+    ok(cli("ca", "revoke", "alice", "--dir", str(team)))
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[server.mx]\ntls = true\nlisten = "127.0.0.1:{free_port()}"\nbackend = "127.0.0.1:25"\n'
+                    f'cert = "{certs.server.cert}"\nkey = "{certs.server.key}"\nclient-ca = "{team / "ca.pem"}"\n'
+                    f'crl = ["{team / "crl.pem"}"]\ndeny-fingerprint = ["{certs.client.spki} stolen"]\n')
+    out = ok(cli("check", "--list", str(conf)))
+    assert f"    --deny-fingerprint stolen                   {certs.client.spki}\n" in out, out
+    assert re.search(rf"^    --crl              {re.escape(str(team / 'crl.pem'))}: 1 revoked, next update "
+                     r"\d{4}-\d\d-\d\d$", out, re.M), out

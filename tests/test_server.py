@@ -502,6 +502,21 @@ print("ok")
     r = subprocess.run([system, "-I", "-W", "error", "-c", check], capture_output=True, text=True, timeout=60,
                        cwd=tmp_path)
     assert r.stdout.strip() == "ok", r.stdout + r.stderr
+    # The CA's life on cryptography 38 too: issue, renew, revoke (CRL builder), list, and a server
+    # configuration that loads the CRL (its signature checked, its entries read).
+    for argv in (["gencert", "mx.test", "--dir", "srv"], ["ca", "init", "--dir", "ca"],
+                 ["ca", "issue", "alice", "--dir", "ca"], ["ca", "issue", "alice", "--renew", "--dir", "ca"], ["ca", "revoke", "alice", "--dir", "ca"],
+                 ["ca", "list", "--dir", "ca"]):
+        r = subprocess.run([system, "-I", "-W", "error", str(copy), *argv], capture_output=True, text=True,
+                           timeout=60, cwd=tmp_path)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (argv, r.stdout + r.stderr)
+    assert "ca/crl.pem: 2 revoked" in r.stdout, r.stdout
+    (tmp_path / "c.toml").write_text('[server.mx]\ntls = true\nlisten = "127.0.0.1:0"\nbackend = "127.0.0.1:25"\n'
+                                     'cert = "srv/mx.test.pem"\nkey = "srv/mx.test.key"\n'
+                                     'client-ca = "ca/ca.pem"\ncrl = ["ca/crl.pem"]\n')
+    r = subprocess.run([system, "-I", "-W", "error", str(copy), "check", "c.toml"], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("ok  [mx] server"), r.stdout + r.stderr
 
 
 class TestBackpressure:

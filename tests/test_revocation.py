@@ -10,7 +10,6 @@ import re
 import signal
 import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 from pathlib import Path

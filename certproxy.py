@@ -396,6 +396,7 @@ class ServerConfig:
     max_connections: int = MAX_SERVER_CONNECTIONS
     max_per_ip: int = MAX_PER_IP
     ipv6_prefix_length: int = IPV6_PREFIX_LENGTH
+    soft_refusal: bool = False  # refuse a certificate not (yet) allowed with 454 4.7.x: the sender retries
     timeouts: Timeouts = Timeouts()
 
     def __post_init__(self) -> None:
@@ -435,6 +436,9 @@ class ServerConfig:
                                          "refusing to let clients in without checking their certificates")
         if self.allow_fingerprints.digests and not self.client_ca and not self.allow:
             raise ConfigError("--allow-fingerprint", "narrows --client-ca or --allow; give one of them")
+        if self.soft_refusal and self.client_cert != "required":
+            raise ConfigError("--soft-refusal", f"with --client-cert {self.client_cert} nobody is refused (strangers go "
+                                                "to --untrusted-backend): leave it out")
         if self.crl and not self.client_ca:
             raise ConfigError("--crl", "needs --client-ca (the CA that signed the CRL); to shut out an --allow "
                                        "certificate without a CA, use --deny-fingerprint")
@@ -3010,7 +3014,7 @@ class _ClientSession(_Session):
                                           f"accept our client certificate; {self._ask_admin()}") from None
             answer = exchange.reply
             said = f"{answer.code} {answer.lines[0]}"
-            if answer.code in (530, 554):  # what certproxy server, and RFC 3207 4.1 servers, say
+            if _refuses_certificate(answer):  # what certproxy server, and RFC 3207 4.1 servers, say
                 raise PeerRejected(reply, f"the server refused our client certificate ({said}); {self._ask_admin()}")
             if answer.code != (220 if implicit else 250):
                 raise SessionError("421 4.3.0 upstream is not accepting mail",
@@ -3271,6 +3275,8 @@ class _ServerSession(_Session):
                 facts["untrusted"] = why
             self.route = cfg.untrusted_backend
             return
+        if cfg.soft_refusal and self.refusal not in ("revoked", "denied"):  # those are meant for good
+            reply = _soft(reply)
         gate = SMTPGate(self.settings.hostname, refusal=reply)
         if self.mode is TLSMode.IMPLICIT:
             self.client.write(gate.greeting())
@@ -3349,6 +3355,19 @@ class _ServerSession(_Session):
         client.filter = commands
         far.filter = watch = HideExtensions(on_reply=on_reply)  # inside TLS already: STARTTLS there is a lie
         await self.splice(watch)
+
+
+def _soft(reply: str) -> str:
+    """--soft-refusal: the 4xx twin of a certificate refusal (554 5.7.1 X -> 454 4.7.1 X), which a
+    sending MTA answers by keeping the mail queued and trying again later."""
+    code, enhanced, text = reply.split(" ", 2)
+    return f"454 4{enhanced[1:]} {text}; try again later"
+
+
+def _refuses_certificate(reply: Reply) -> bool:
+    """A server's answer inside TLS that refuses our client certificate: RFC 3207 4.1's 530 and 554,
+    and certproxy server's --soft-refusal 454 4.7.x."""
+    return reply.code in (530, 554) or (reply.code == 454 and reply.lines[0].startswith("4.7."))
 
 
 def _allow_hint(cfg: ServerConfig, verdict: Verdict) -> str:
@@ -3981,7 +4000,7 @@ async def _probe(args: argparse.Namespace) -> int:
             async with asyncio.timeout(10):
                 await _drive(pump, exchange)
             said = f"{exchange.reply.code} {exchange.reply.lines[0]}"
-            accepted = f"REFUSED, the server says: {said}" if exchange.reply.code in (530, 554) else \
+            accepted = f"REFUSED, the server says: {said}" if _refuses_certificate(exchange.reply) else \
                 f"accepted (the server answered inside TLS: {said})" if exchange.reply.code // 100 == 2 else \
                 f"unclear, the server answered inside TLS: {said}"
         except (SessionError, TimeoutError, asyncio.TimeoutError) as e:
@@ -4236,6 +4255,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--crl", action="append", default=[], metavar="FILE",
                     help="refuse certificates this CRL (signed by --client-ca; 'certproxy ca revoke' writes one) "
                          "revokes; repeatable, re-read on SIGHUP")
+    sv.add_argument("--soft-refusal", action="store_true",
+                    help="refuse a certificate not (yet) allowed, or none, with 454 4.7.x instead of 5xx, like "
+                         "Postfix's soft_bounce: sending MTAs keep the mail queued and retry while you allow a new "
+                         "laptop (revoked and denied certificates still get 554)")
     sv.add_argument("--deny-fingerprint", action="append", default=[], metavar="'FP [NOTE]'",
                     help="refuse this certificate or public-key SHA-256 whatever allows it (a stolen laptop); repeatable")
     sv.add_argument("--client-cert", choices=("required", "optional", "none"), default="required",
@@ -4475,6 +4498,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_connections=args.max_connections,
         max_per_ip=args.max_per_ip,
         ipv6_prefix_length=args.ipv6_prefix_length,
+        soft_refusal=args.soft_refusal,
         timeouts=_timeouts(args),
     )
 

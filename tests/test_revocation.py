@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 import certproxy
-from conftest import CertPair, client_ctx, session_line
+from conftest import CertPair, client_ctx, read_reply, session_line
 from realpeers import Process, free_port, require_tool
 from test_judge import facts_of, near_miss
-from test_server import smtplib_send
+from test_server import smtplib_send, tls_open
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -318,3 +318,52 @@ def test_check_list_shows_what_is_shut_out(tmp_path, certs, team):
     assert f"    --deny-fingerprint stolen                   {certs.client.spki}\n" in out, out
     assert re.search(rf"^    --crl              {re.escape(str(team / 'crl.pem'))}: 1 revoked, next update "
                      r"\d{4}-\d\d-\d\d$", out, re.M), out
+
+
+class TestSoftRefusal:
+    """--soft-refusal: a certificate not (yet) allowed hears 454 4.7.x, so the sending MTA keeps the mail
+    queued and retries (sendmail and Postfix bounce on the 554 at once); revoked stays 554."""
+
+    @pytest.mark.parametrize("mode", ["tls", "starttls"])
+    async def test_unknown_and_missing_certificates_hear_454(self, certs, server_service, sink, caplog, mode):
+        caplog.set_level(logging.INFO, "certproxy")
+        backend = await sink("backend.test")
+        svc = await server_service(mode, backend.endpoint, soft_refusal=True,
+                                   deny_fingerprints=certproxy.Pins.parse([certs.client.fp], "--deny-fingerprint"))
+        for presented, reply in ((certs.other_client, b"454 4.7.1 certificate not authorised; try again later\r\n"),
+                                 (None, b"454 4.7.0 client certificate required; try again later\r\n"),
+                                 (certs.client, b"554 5.7.1 certificate revoked\r\n")):
+            reader, writer, greeting = await tls_open(svc.port, mode, client_ctx(certs, presented))
+            if mode == "tls":
+                assert greeting == reply
+            writer.write(b"EHLO laptop.test\r\nMAIL FROM:<a@laptop.test>\r\n")
+            assert await read_reply(reader) == reply
+            assert await read_reply(reader) == reply
+            writer.write(b"QUIT\r\n")
+            assert (await read_reply(reader)).startswith(b"221 ")
+            writer.close()
+        assert backend.connections == 0
+
+    async def test_certproxy_client_names_the_soft_refusal(self, certs, server_service, client_service, sink, caplog):
+        """The laptop's certproxy client takes the 454 for what it is: its certificate refused, with the
+        fingerprint the server admin needs; the mail program gets a 421 and keeps the mail."""
+        caplog.set_level(logging.INFO, "certproxy")
+        backend = await sink("backend.test")
+        svc = await server_service("tls", backend.endpoint, allow=[certs.other_client.cert], soft_refusal=True)
+        client = await client_service(f"127.0.0.1:{svc.port}", mode="tls")
+        with pytest.raises(smtplib.SMTPConnectError) as e:
+            await asyncio.to_thread(smtplib.SMTP, "127.0.0.1", client.port, timeout=20)
+        assert e.value.smtp_code == 421 and e.value.smtp_error == b"4.7.0 upstream refused our client certificate"
+        async with asyncio.timeout(10):
+            while not (lines := [r.getMessage() for r in caplog.records
+                                 if r.getMessage().startswith("session ") and "service=client" in r.getMessage()]):
+                await asyncio.sleep(0.02)
+        assert "the server refused our client certificate (454 4.7.1 certificate not authorised; try again " \
+               "later)" in lines[0] and certs.client.fp in lines[0], lines
+
+    def test_only_with_required_certificates(self, certs):
+        r = cli("server", "--tls", "--cert", str(certs.server.cert), "--key", str(certs.server.key),
+                "--client-cert", "optional", "--untrusted-backend", "127.0.0.1:2", "--xclient",
+                "--backend", "127.0.0.1:1", "--allow", str(certs.client.cert), "--soft-refusal")
+        assert r.returncode == 2 and r.stderr.startswith("certproxy: error: --soft-refusal: with --client-cert "
+                                                         "optional nobody is refused"), r.stderr

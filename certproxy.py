@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import bisect
 import collections
+import contextlib
 import datetime
 import enum
 import functools
@@ -918,7 +919,8 @@ class ClientPolicy:
     ca_fingerprints: frozenset[bytes]  # SHA-256 of each --client-ca certificate
     fingerprints: Pins
     denied: Pins = Pins(frozenset())  # --deny-fingerprint: refused before anything else is asked
-    revoked: dict = field(default_factory=dict, compare=False)  # (issuer DER, serial) -> Revocation, --crl
+    revoked: dict = field(default_factory=dict, compare=False)  # (issuer, serial) -> Revocation, --crl
+    crl_updates: dict = field(default_factory=dict, compare=False)  # --crl file -> nextUpdate of what was loaded
     _verdicts: dict = field(default_factory=dict, compare=False, repr=False)  # see judge()
 
     def judge(self, der: bytes, tls: _TLS | None = None) -> Verdict:
@@ -986,8 +988,8 @@ class ClientPolicy:
         from cryptography import x509
 
         cert = cert or x509.load_der_x509_certificate(der)
-        for c in [cert] + [x509.load_der_x509_certificate(d) for d in chain[1:-1]]:
-            hit = self.revoked.get((c.issuer.public_bytes(), c.serial_number))
+        for c in [cert] + [x509.load_der_x509_certificate(d) for d in chain[1:]]:
+            hit = self.revoked.get((_canonical_name(c.issuer), c.serial_number))
             if hit is not None:
                 who = "certificate" if c is cert else f"its CA {c.subject.rfc4514_string()}"
                 return (f"{who} revoked on {hit.date:%Y-%m-%d %H:%M} UTC ({hit.reason}) by --crl {hit.crl}",
@@ -1045,15 +1047,24 @@ class Revocation(NamedTuple):
     crl: str  # the file that says so
 
 
-def _load_crls(paths: tuple[str, ...], ca_ders: list[bytes]) -> dict[tuple[bytes, int], Revocation]:
+def _canonical_name(name) -> tuple:
+    """A distinguished name as OpenSSL compares names (X509_NAME canonical form): attribute types and
+    values, case-folded, inner white space collapsed, whatever string type encodes them. A CRL's issuer
+    and a certificate's issuer written as PrintableString on one side and UTF8String on the other are
+    the same CA."""
+    return tuple((a.oid.dotted_string, " ".join(str(a.value).split()).casefold()) for a in name)
+
+
+def _load_crls(paths: tuple[str, ...], ca_ders: list[bytes]) -> tuple[dict, dict]:
     """Every --crl (PEM or DER X.509 CRL, as ``certproxy ca revoke`` or ``openssl ca -gencrl`` write
     them): each must be signed by one of the --client-ca certificates, or certproxy does not start. A
     CRL past its nextUpdate is still enforced (the daily watch says so loudly): an outdated list of
-    stolen laptops is better than none."""
+    stolen laptops is better than none. Returns ({(issuer, serial): Revocation}, {file: nextUpdate})."""
     from cryptography import x509
 
     cas = [x509.load_der_x509_certificate(d) for d in ca_ders]
-    revoked: dict[tuple[bytes, int], Revocation] = {}
+    revoked: dict[tuple[tuple, int], Revocation] = {}
+    next_updates: dict[str, datetime.datetime | None] = {}
     for path in paths:
         try:
             with open(path, "rb") as f:
@@ -1064,14 +1075,15 @@ def _load_crls(paths: tuple[str, ...], ca_ders: list[bytes]) -> dict[tuple[bytes
             crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
         except ValueError:
             raise ConfigError("--crl", f"{path!r} is not an X.509 CRL (PEM or DER)") from None
-        signer = next((ca for ca in cas if ca.subject == crl.issuer and crl.is_signature_valid(ca.public_key())), None)
-        if signer is None:
-            named = any(ca.subject == crl.issuer for ca in cas)
+        issuer = _canonical_name(crl.issuer)
+        named = [ca for ca in cas if _canonical_name(ca.subject) == issuer]
+        if not any(crl.is_signature_valid(ca.public_key()) for ca in named):
             raise ConfigError("--crl", f"{path!r} is issued by {crl.issuer.rfc4514_string()}, "
                                        + ("but its signature does not verify with the --client-ca of that name"
                                           if named else "which is not a --client-ca certificate")
                                        + ": a CRL from another CA")
-        issuer = crl.issuer.public_bytes()
+        next_updates[path] = getattr(crl, "next_update_utc", None) or (
+            crl.next_update and crl.next_update.replace(tzinfo=_UTC))
         for entry in crl:
             when = getattr(entry, "revocation_date_utc", None) or entry.revocation_date.replace(tzinfo=_UTC)
             try:
@@ -1079,7 +1091,7 @@ def _load_crls(paths: tuple[str, ...], ca_ders: list[bytes]) -> dict[tuple[bytes
             except x509.ExtensionNotFound:
                 reason = "unspecified"
             revoked[(issuer, entry.serial_number)] = Revocation(when, reason, path)
-    return revoked
+    return revoked, next_updates
 
 
 def _crl_next_update(path: str) -> datetime.datetime | None:
@@ -1094,9 +1106,8 @@ def _crl_next_update(path: str) -> datetime.datetime | None:
     return getattr(crl, "next_update_utc", None) or (crl.next_update and crl.next_update.replace(tzinfo=_UTC))
 
 
-def crl_problem(path: str) -> str | None:
+def crl_problem(nxt: datetime.datetime | None) -> str | None:
     """Like expiry_problem, for a CRL's nextUpdate: it is time to sign a fresh one."""
-    nxt = _crl_next_update(path)
     if nxt is None:
         return None
     left = nxt - datetime.datetime.now(_UTC)
@@ -1135,8 +1146,9 @@ def server_context(cfg: ServerConfig) -> tuple[SSL.Context, ClientPolicy]:
     if cfg.client_cert != "none":
         # VERIFY_PEER without FAIL_IF_NO_PEER_CERT: ask, accept any answer (even none), judge afterwards.
         ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _on_verify)
+    revoked, next_updates = _load_crls(cfg.crl, ca_ders)
     return ctx, ClientPolicy(frozenset(allowed), frozenset(cert_fingerprint(d) for d in ca_ders),
-                             cfg.allow_fingerprints, cfg.deny_fingerprints, _load_crls(cfg.crl, ca_ders))
+                             cfg.allow_fingerprints, cfg.deny_fingerprints, revoked, next_updates)
 
 
 def certificate_subject(der: bytes) -> str:
@@ -2515,7 +2527,7 @@ class _Metrics:
         self.bytes: dict[tuple[str, str], int] = {}
         self.handshake: dict[str, list] = {}  # service -> per-bucket counts (+Inf last), sum
         self.duration: dict[str, list] = {}
-        self.seen: dict[str, dict[bytes, tuple[str, str, bytes]]] = {}  # service -> fp -> (role, name, der)
+        self.seen: dict[str, dict[tuple[str, str], bytes]] = {}  # service -> (role, name) -> its newest certificate
 
     @staticmethod
     def _observe(hists: dict[str, list], service: str, buckets: tuple[float, ...], value: float) -> None:
@@ -2541,12 +2553,19 @@ class _Metrics:
 
     def saw(self, service: str, role: str, name: str, der: bytes) -> None:
         """A certificate met in a session (an allowed client's, the upstream's): its expiry is watched
-        too. Bounded per service."""
+        too, the newest one per name (a renewal replaces the old one, whose expiry no longer matters).
+        Bounded per service: the name seen longest ago goes first."""
         seen = self.seen.setdefault(service, {})
-        fp = cert_fingerprint(der)
-        if fp not in seen and len(seen) >= METRICS_MAX_SEEN:
+        seen.pop((role, name), None)
+        if len(seen) >= METRICS_MAX_SEEN:
             seen.pop(next(iter(seen)))
-        seen[fp] = (role, name, der)
+        seen[(role, name)] = der
+
+    def forget_barred(self, service: str, policy: ClientPolicy) -> None:
+        """After a reload: certificates the new policy revokes or denies are no longer watched."""
+        seen = self.seen.get(service, {})
+        for key in [k for k, der in seen.items() if policy.barred(der)]:
+            del seen[key]
 
     def render(self, services: dict[str, _Listener]) -> bytes:
         out: list[str] = []
@@ -2579,16 +2598,14 @@ class _Metrics:
         now, expiry, crls = time.time(), [], []
         for svc in listeners:
             service = svc.service_name
-            certificates = {cert_fingerprint(der): (role, name, der) for role, name, der in svc._watched()}
+            certificates = {cert_fingerprint(der): (role, name, until) for role, name, der, until in svc._watched()}
             policy = getattr(svc.settings, "policy", None)
-            for fp, (role, name, der) in self.seen.get(service, {}).items():
-                if fp not in certificates and not (policy is not None and policy.barred(der)):
-                    certificates[fp] = (role, name, der)
-            for fp, (role, name, der) in certificates.items():
+            for (role, name), der in self.seen.get(service, {}).items():  # taken by a handshake: parses
+                certificates.setdefault(cert_fingerprint(der), (role, name, _not_after(der)))
+            for fp, (role, name, until) in certificates.items():
                 labels = {"service": service, "role": role, "name": name, "sha256": fp.hex()}
-                expiry.append((labels, round(_not_after(der) - now)))
-            for path in getattr(svc.cfg, "crl", ()):
-                nxt = _crl_next_update(path)
+                expiry.append((labels, round(until - now)))
+            for path, nxt in (policy.crl_updates.items() if policy is not None else ()):
                 if nxt is not None:
                     crls.append(({"service": service, "file": path}, round(nxt.timestamp() - now)))
         family("certproxy_certificate_expiry_seconds", "gauge",
@@ -2633,41 +2650,55 @@ def metrics_endpoint(text: str, public: bool) -> Endpoint:
     return ep
 
 
-async def _serve_metrics(ep: Endpoint, services) -> asyncio.base_events.Server:
+async def _serve_metrics(ep: Endpoint, services) -> asyncio.Task:
     """A minimal HTTP/1.1 endpoint: GET /metrics (or /) answers ``_METRICS.render(services())``.
-    Bounded: request size, time, concurrent connections."""
-    busy = [0]
+    Bounded: request size, METRICS_TIMEOUT_S for the whole exchange, concurrent connections.
+    Returns a task that serves until cancelled (and then ends every scrape in progress)."""
+    handlers: set[asyncio.Task] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        busy[0] += 1
+        handlers.add(task := asyncio.current_task())
         try:
-            if busy[0] > METRICS_MAX_CONNECTIONS:
+            if len(handlers) > METRICS_MAX_CONNECTIONS:
                 return
-            async with asyncio.timeout(METRICS_TIMEOUT_S):
+            async with asyncio.timeout(METRICS_TIMEOUT_S):  # reading the request and writing the answer
                 head = await reader.readuntil(b"\r\n\r\n")
-            method, target = (head.split(b" ") + [b"", b""])[:2]
-            status, body = "200 OK", b""
-            if method not in (b"GET", b"HEAD"):
-                status, body = "405 Method Not Allowed", b"GET /metrics\n"
-            elif target.split(b"?")[0] not in (b"/metrics", b"/"):
-                status, body = "404 Not Found", b"GET /metrics\n"
-            else:
-                body = _METRICS.render(services())
-            kind = "text/plain; version=0.0.4; charset=utf-8"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + (body if method != b"HEAD" else b""))
-            await writer.drain()
-        except (OSError, TimeoutError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                method, target = (head.split(b" ") + [b"", b""])[:2]
+                status, body, extra = "200 OK", b"", ""
+                if method not in (b"GET", b"HEAD"):
+                    status, body, extra = "405 Method Not Allowed", b"GET /metrics\n", "Allow: GET, HEAD\r\n"
+                elif target.split(b"?")[0] not in (b"/metrics", b"/"):
+                    status, body = "404 Not Found", b"GET /metrics\n"
+                else:
+                    body = _METRICS.render(services())
+                kind = "text/plain; version=0.0.4; charset=utf-8"
+                writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                             f"{extra}Connection: close\r\n\r\n".encode() + (body if method != b"HEAD" else b""))
+                writer.close()  # everything written, then closed: within the deadline too
+                await writer.wait_closed()
+        except (OSError, TimeoutError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                asyncio.CancelledError):  # a scrape that goes wrong, or the end of the service: just close
             pass
         finally:
-            busy[0] -= 1
-            writer.close()
+            handlers.discard(task)
+            writer.transport.abort()  # a no-op once closed; else whatever is left is dropped
 
     try:
-        return await asyncio.start_server(handle, ep.host, ep.port, limit=METRICS_MAX_REQUEST,
-                                          reuse_address=True)
+        server = await asyncio.start_server(handle, ep.host, ep.port, limit=METRICS_MAX_REQUEST,
+                                            reuse_address=True)
     except OSError as e:
         raise ConfigError("--metrics", _cannot_listen(ep, e)) from None
+
+    async def serve() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            server.close()
+            for task in list(handlers):
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+
+    return asyncio.get_running_loop().create_task(serve())
 
 
 _EXPIRY_ACTIONS = {
@@ -2714,22 +2745,32 @@ class _Listener:
         """(option, path) of every certificate file this service relies on, for the expiry watch."""
         return []
 
-    def _watched(self) -> list[tuple[str, str, bytes]]:
-        """(role, name, certificate) for every certificate file this service relies on, for the
-        metrics' expiry gauge; read once per configuration (a reload brings a new one)."""
+    def _files_now(self) -> list[tuple[str, str]]:
+        """_certificate_files, or none if an --allow directory has gone since start (never a crash
+        in the daily watch or a scrape)."""
+        try:
+            return self._certificate_files()
+        except ConfigError:
+            return []
+
+    def _watched(self) -> list[tuple[str, str, bytes, float]]:
+        """(role, name, certificate, notAfter) for every certificate file this service relies on, for
+        the metrics' expiry gauge; read once per configuration (a reload brings a new one)."""
         cached = self._watched_cache
         if cached is None or cached[0] is not self.settings:
             roles = {"--cert": "own", "--allow": "allowed", "--client-ca": "client_ca", "--ca": "ca"}
             policy = getattr(self.settings, "policy", None)
             items = []
-            for option, path in self._certificate_files():
+            for option, path in self._files_now():
                 try:
                     ders = _pem_to_der(path)
-                except (OSError, ValueError):
+                    for der in ders[:1] if option == "--cert" else ders:  # our own: the leaf, not its chain
+                        if option == "--allow" and policy.barred(der):  # shut out: its expiry is no news
+                            continue
+                        name = policy.name(der) if option == "--allow" else certificate_subject(der)
+                        items.append((roles[option], name, der, _not_after(der)))
+                except (OSError, ValueError):  # gone or broken since start: the daily watch says so
                     continue
-                for der in ders[:1] if option == "--cert" else ders:  # our own: the leaf, not its chain
-                    name = policy.name(der) if option == "--allow" else certificate_subject(der)
-                    items.append((roles[option], name, der))
             cached = self._watched_cache = (self.settings, items)
         return cached[1]
 
@@ -2738,15 +2779,16 @@ class _Listener:
         EXPIRY_WARNING_DAYS or has expired, and every --crl due for a fresh one: what the daily watch
         logs and ``check`` prints."""
         out = []
-        for option, path in self._certificate_files():
+        for option, path in self._files_now():
             try:
                 ders = _pem_to_der(path)
             except (OSError, ValueError):
                 continue
             out += [(option, path, certificate_subject(der), problem) for der in ders
                     if (problem := expiry_problem(der))]
-        for path in getattr(self.cfg, "crl", ()):
-            if problem := crl_problem(path):
+        policy = getattr(self.settings, "policy", None)  # the CRLs loaded, not what the files say now
+        for path, nxt in (policy.crl_updates.items() if policy is not None else ()):
+            if problem := crl_problem(nxt):
                 out.append(("--crl", path, "CRL", problem))
         return out
 
@@ -2766,6 +2808,9 @@ class _Listener:
     def replace(self, new: _Listener) -> None:
         """Take over ``new``'s settings (a reload): later connections use them; live ones keep theirs."""
         self.settings = new.settings
+        policy = getattr(new.settings, "policy", None)
+        if _METRICS is not None and policy is not None:
+            _METRICS.forget_barred(self.service_name, policy)
 
     async def _watch_expiry(self) -> None:
         """At start-up and daily: a warning when a configured certificate expires within 30 days,
@@ -3152,10 +3197,12 @@ class _ServerSession(_Session):
     in SMTP → backend connect, [PROXY header] → backend greeting, [EHLO + XCLIENT], [hand-over replay]
     → splice."""
 
-    __slots__ = ("sock", "src", "dst", "mode", "gate", "route", "login", "tls")
+    __slots__ = ("sock", "src", "dst", "mode", "gate", "route", "login", "tls", "listener")
 
-    def __init__(self, settings: _ServerSettings, sock: socket.socket, peer: str, src: Address) -> None:
+    def __init__(self, settings: _ServerSettings, sock: socket.socket, peer: str, src: Address,
+                 listener: _Listener | None = None) -> None:
         super().__init__(settings)
+        self.listener = listener  # its settings now: a reload's policy judges a handshake that ends after it
         self.sock = sock
         self.facts["peer"] = peer
         self.src = src  # the client, as the MTA is told it (a load balancer's PROXY header may say better)
@@ -3250,7 +3297,11 @@ class _ServerSession(_Session):
         add to allow it."""
         if self.tls is None:
             return
-        cfg, policy = self.settings.cfg, self.settings.policy
+        # The newest policy, not the one this connection was accepted under: a revocation reloaded while
+        # a client sat in its handshake or STARTTLS dialogue applies to it. Sessions already past this
+        # point finish.
+        cfg = self.settings.cfg
+        policy = (self.listener or self).settings.policy
         der = self.tls.peer_der()
         facts = self.facts
         if der is None:
@@ -3430,7 +3481,7 @@ class ServerService(_Listener):
         return files + ([("--client-ca", self.cfg.client_ca)] if self.cfg.client_ca else [])
 
     def _new_session(self, sock: socket.socket, peer: str, addr: tuple) -> _Session:
-        return _ServerSession(self.settings, sock, peer, _address(addr))
+        return _ServerSession(self.settings, sock, peer, _address(addr), self)
 
     async def start(self) -> None:
         await self._listen()
@@ -3600,6 +3651,12 @@ def _renewal(args: argparse.Namespace, issuer: tuple | None) -> tuple[object, tu
         except (OSError, ValueError, TypeError) as e:
             raise ConfigError("--renew", f"cannot load the key {key_path} ({getattr(e, 'strerror', None) or e}); "
                                          "add --new-key to renew with a new key") from None
+        if issuer is not None:  # never certify again a key this CA has revoked a certificate of
+            ca_dir, spki = _ca_dir(args.ca), spki_fingerprint(old.public_bytes(serialization.Encoding.DER))
+            for row in _read_index(ca_dir):
+                if row[0] == "R" and _row_spki(ca_dir, row) == spki:
+                    raise ConfigError("--renew", f"a certificate of this key was revoked (serial {row[3]}, {row[2]}): "
+                                                 "renew with --new-key")
     try:
         sans = tuple(str(n.value) for n in old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
     except x509.ExtensionNotFound:
@@ -3692,20 +3749,35 @@ def _read_index(ca_dir: str) -> list[list[str]]:
         raise ConfigError(_INDEX, f"cannot read {path}: {e.strerror}") from None
     rows = [line.split("\t") for line in lines]
     for n, row in enumerate(rows, 1):
-        if len(row) != 6 or row[0] not in ("V", "R", "E"):
-            raise ConfigError(_INDEX, f"{path} line {n} is not an OpenSSL CA index line (6 tab-separated fields)")
+        try:
+            if len(row) != 6 or row[0] not in ("V", "R", "E"):
+                raise ValueError("not 6 tab-separated fields starting with V, R or E")
+            _from_asn1_time(row[1])
+            int(row[3], 16)
+            if row[0] == "R":
+                _from_asn1_time(row[2].split(",")[0])
+        except ValueError as e:
+            raise ConfigError(_INDEX, f"{path} line {n} is not an OpenSSL CA index line ({e})") from None
     return rows
 
 
 def _write_atomically(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ConfigError("--dir", f"cannot write {path}: {e.strerror}") from None
 
 
 def _write_index(ca_dir: str, rows: list[list[str]]) -> None:
     _write_atomically(os.path.join(ca_dir, _INDEX), "".join("\t".join(r) + "\n" for r in rows).encode())
+    attr = os.path.join(ca_dir, _INDEX + ".attr")
+    if not os.path.exists(attr):  # a renewal keeps the subject: tell 'openssl ca' two valid rows may share it
+        _write_atomically(attr, b"unique_subject = no\n")
 
 
 def _index_row(der: bytes) -> list[str]:
@@ -3732,6 +3804,14 @@ def _record_issued(ca_dir: str, der: bytes) -> list[str]:
     return row
 
 
+def _row_spki(ca_dir: str, row: list[str]) -> bytes | None:
+    """The SPKI SHA-256 of an index row's certificate (from its copy in issued/), or None."""
+    try:
+        return spki_fingerprint(_pem_to_der(os.path.join(ca_dir, row[4]))[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _der_to_pem(der: bytes) -> bytes:
     import base64
     import textwrap
@@ -3745,21 +3825,40 @@ def _row_name(row: list[str]) -> str:
     return m.group(1).replace("\\", "") if m else row[5]
 
 
+# The reasons 'ca revoke' takes: RFC 5280's permanent ones that OpenSSL's 'ca' also knows (a hold or
+# removeFromCRL would let OpenSSL-based readers of the CRL take the certificate back).
+_REVOKE_REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
+                   "cessationOfOperation")
+
+
 def _reason(text: str):
     """A revocation reason in OpenSSL's or RFC 5280's spelling, any case (key-compromise, keyCompromise)."""
     from cryptography import x509
 
     want = re.sub(r"[-_ ]", "", text).lower()
+    for name in _REVOKE_REASONS:
+        if name.lower() == want:
+            return x509.ReasonFlags(name)
+    raise ConfigError("--reason", f"{text!r}: expected one of {', '.join(_REVOKE_REASONS)}")
+
+
+def _index_reason(text: str):
+    """The reason of an index row (ours or one 'openssl ca -revoke' wrote, holds included), for the CRL."""
+    from cryptography import x509
+
+    want = text.split(",")[0].lower()
     for flag in x509.ReasonFlags:
         if flag.value.lower() == want:
             return flag
-    names = ", ".join(f.value for f in x509.ReasonFlags if f is not x509.ReasonFlags.remove_from_crl)
-    raise ConfigError("--reason", f"{text!r}: expected one of {names}")
+    return x509.ReasonFlags.certificate_hold if want.startswith("hold") else x509.ReasonFlags.unspecified
 
 
-def _write_crl(ca_dir: str, ca: tuple, rows: list[list[str]], days: int) -> tuple[str, int, datetime.datetime]:
+def _write_crl(ca_dir: str, ca: tuple, rows: list[list[str]], days: int,
+               before=lambda: None) -> tuple[str, int, datetime.datetime]:
     """Sign crl.pem from the index's revoked rows (a standard X.509 v2 CRL with CRL number and
-    authority key identifier: Postfix, Exim and stunnel read it too). Returns (path, count, nextUpdate)."""
+    authority key identifier, which Exim, stunnel and OpenSSL read too); ``before`` runs once it is
+    signed and before it is written (the index update of a revocation: a CRL that cannot be signed
+    leaves the index as it was). Returns (path, count, nextUpdate)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
 
@@ -3782,14 +3881,17 @@ def _write_crl(ca_dir: str, ca: tuple, rows: list[list[str]], days: int) -> tupl
             continue
         date, _, reason = row[2].partition(",")
         entry = x509.RevokedCertificateBuilder().serial_number(int(row[3], 16)).revocation_date(_from_asn1_time(date))
-        if reason and _reason(reason) is not x509.ReasonFlags.unspecified:  # RFC 5280 5.3.1: then absent
-            entry = entry.add_extension(x509.CRLReason(_reason(reason)), critical=False)
+        flag = _index_reason(reason)
+        if flag is not x509.ReasonFlags.unspecified:  # RFC 5280 5.3.1: then absent
+            entry = entry.add_extension(x509.CRLReason(flag), critical=False)
         builder = builder.add_revoked_certificate(entry.build())
         count += 1
     crl = builder.sign(ca_key, hashes.SHA256())
+    before()
     path = os.path.join(ca_dir, "crl.pem")
     _write_atomically(path, crl.public_bytes(serialization.Encoding.PEM))
-    _write_atomically(number_path, f"{number + 1:02X}\n".encode())
+    following = f"{number + 1:X}"
+    _write_atomically(number_path, f"{following.zfill(len(following) + len(following) % 2)}\n".encode())  # as openssl
     return path, count, next_update
 
 
@@ -3823,6 +3925,9 @@ def _cmd_ca_revoke(args: argparse.Namespace) -> int:
             raise ConfigError("NAME|FILE", f"no valid certificate named {args.target!r} in "
                                            f"{os.path.join(ca_dir, _INDEX)} (certproxy ca list --dir {args.dir} "
                                            "shows them); or give the certificate file")
+    if reason is x509.ReasonFlags.key_compromise:  # the key is out: every certificate of it goes
+        keys = {_row_spki(ca_dir, r) for r in targets} - {None}
+        targets += [r for r in rows if r[0] == "V" and r not in targets and _row_spki(ca_dir, r) in keys]
     when = _asn1_time(datetime.datetime.now(_UTC))
     for row in targets:
         if row[0] == "R":
@@ -3830,8 +3935,7 @@ def _cmd_ca_revoke(args: argparse.Namespace) -> int:
             continue
         row[0], row[2] = "R", when + ("" if reason is x509.ReasonFlags.unspecified else f",{reason.value}")
         print(f"revoked {_row_name(row)} serial {row[3]} ({reason.value})")
-    _write_index(ca_dir, rows)
-    path, count, next_update = _write_crl(ca_dir, ca, rows, args.crl_days)
+    path, count, next_update = _write_crl(ca_dir, ca, rows, args.crl_days, before=lambda: _write_index(ca_dir, rows))
     print(f"\nwrote {path}: {count} revoked, next update {next_update:%Y-%m-%d}\n"
           f"  On the mail server: copy it there, give certproxy server --crl /etc/certproxy/crl.pem (once),\n"
           f"  then reload: systemctl reload certproxy (or kill -HUP). Sessions already open finish; the next\n"
@@ -3881,7 +3985,7 @@ def _cmd_ca_list(args: argparse.Namespace) -> int:
     crl = os.path.join(ca_dir, "crl.pem")
     if os.path.exists(crl):
         revoked = sum(r[0] == "R" for r in rows)
-        problem = crl_problem(crl)
+        problem = crl_problem(_crl_next_update(crl))
         print(f"\n{crl}: {revoked} revoked" + (f"; WARNING: {problem}: certproxy ca crl --dir {args.dir}" if problem else ""))
     return 0
 
@@ -4396,7 +4500,10 @@ def _file_options(path: str) -> dict[str, object]:
             doc = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError):
         return {}
-    return {k: v for k, v in doc.items() if k in _PROCESS_KEYS and isinstance(v, (str, int, bool))}
+    kinds = {"log-level": str, "log-format": str, "metrics": (str, int), "metrics-public": bool}
+    return {k: v for k, v in doc.items() if k in kinds and isinstance(v, kinds[k])
+            and (k != "metrics" or not isinstance(v, bool))
+            and (k != "log-level" or v in LOG_LEVELS) and (k != "log-format" or v in LOG_FORMATS)}
 
 
 def _add_service_options(p: argparse.ArgumentParser) -> None:
@@ -4732,7 +4839,8 @@ class _Supervisor:
         _log_event(logging.INFO, "stopping", sessions=active, grace=self.grace)
         await asyncio.gather(*(s.stop(self.grace) for s in self.services.values()))
         if metrics is not None:
-            metrics.close()
+            metrics.cancel()
+            await asyncio.gather(metrics, return_exceptions=True)
         _log_event(logging.INFO, "stopped")
 
     async def reload(self) -> None:
@@ -5013,10 +5121,9 @@ def _identities(svc: _Listener) -> str:
     denied = dict(cfg.deny_fingerprints.names)
     out += [line("--deny-fingerprint", denied.get(d, "(refused)"), format_fingerprint(d), None)
             for d in sorted(cfg.deny_fingerprints.digests)]
-    for path in cfg.crl:
+    for path, nxt in svc.policy.crl_updates.items():
         revoked = sum(r.crl == path for r in svc.policy.revoked.values())
-        nxt = _crl_next_update(path)
-        problem = crl_problem(path)
+        problem = crl_problem(nxt)
         out.append(f"    {'--crl':<18} {path}: {revoked} revoked" + (f", next update {nxt:%Y-%m-%d}" if nxt else "")
                    + (f"  {problem}" if problem else ""))
     if cfg.client_cert != "required":
@@ -5028,8 +5135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     # The command line (before or after the command) wins over the config file's top-level keys.
     in_file = _file_options(args.config) if getattr(args, "config", None) else {}
-    log_level = str(args.log_level or in_file.get("log-level", "info"))
-    log_format = str(args.log_format or in_file.get("log-format", "text"))
+    log_level = args.log_level or in_file.get("log-level", "info")  # a bad value there: load_config says so
+    log_format = args.log_format or in_file.get("log-format", "text")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if log_format == "json" else
                          logging.Formatter("%(asctime)s certproxy %(levelname)s %(message)s"))

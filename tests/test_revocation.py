@@ -367,3 +367,150 @@ class TestSoftRefusal:
                 "--backend", "127.0.0.1:1", "--allow", str(certs.client.cert), "--soft-refusal")
         assert r.returncode == 2 and r.stderr.startswith("certproxy: error: --soft-refusal: with --client-cert "
                                                          "optional nobody is refused"), r.stderr
+
+
+class TestCompromisedKeys:
+    def test_key_compromise_revokes_every_certificate_of_the_key(self, team):
+        """Revoking one file for keyCompromise also ends its same-key renewal; renewing that key again
+        is refused (only --new-key); openssl's own reader agrees."""
+        old = (team / "alice.pem").read_bytes()
+        (team / "alice-old.pem").write_bytes(old)
+        ok(cli("ca", "issue", "alice", "--renew", "--dir", str(team)))
+        out = ok(cli("ca", "revoke", str(team / "alice-old.pem"), "--dir", str(team), "--reason", "keyCompromise"))
+        assert len(re.findall(r"^revoked alice serial", out, re.M)) == 2, out
+        r = cli("ca", "issue", "alice", "--renew", "--dir", str(team))
+        assert r.returncode == 2 and "a certificate of this key was revoked" in r.stderr and "--new-key" in r.stderr
+        ok(cli("ca", "issue", "alice", "--renew", "--new-key", "--dir", str(team)))
+        require_tool("openssl")
+        verify = ["openssl", "verify", "-crl_check", "-CAfile", str(team / "ca.pem"), "-CRLfile", str(team / "crl.pem")]
+        for name, revoked in (("alice-old.pem", True), ("alice.pem", False), ("bob.pem", False)):
+            r = subprocess.run([*verify, str(team / name)], capture_output=True, text=True)
+            assert (r.returncode != 0) is revoked, (name, r.stdout + r.stderr)
+
+    @pytest.mark.parametrize("reason", ["removeFromCRL", "certificateHold", "privilegeWithdrawn"])
+    def test_reasons_openssl_would_not_enforce_are_refused(self, team, reason):
+        r = cli("ca", "revoke", "alice", "--dir", str(team), "--reason", reason)
+        assert r.returncode == 2 and r.stderr == (
+            f"certproxy: error: --reason: '{reason}': expected one of unspecified, keyCompromise, cACompromise, "
+            "affiliationChanged, superseded, cessationOfOperation\n"), r.stderr
+
+    def test_openssl_ca_reads_the_index_after_a_renewal(self, tmp_path, team):
+        """index.txt is OpenSSL's: 'openssl ca -gencrl' signs a CRL from it, with the renewal's two valid
+        rows for one subject (index.txt.attr) and our crlnumber."""
+        require_tool("openssl")
+        ok(cli("ca", "issue", "alice", "--renew", "--dir", str(team)))
+        ok(cli("ca", "revoke", "bob", "--dir", str(team), "--reason", "superseded"))
+        conf = tmp_path / "openssl.cnf"
+        conf.write_text(f"[ca]\ndefault_ca = team\n[team]\ndatabase = {team / 'index.txt'}\n"
+                        f"crlnumber = {team / 'crlnumber'}\ncertificate = {team / 'ca.pem'}\n"
+                        f"private_key = {team / 'ca.key'}\ndefault_md = sha256\ndefault_crl_days = 30\n")
+        out = tmp_path / "openssl-crl.pem"
+        r = subprocess.run(["openssl", "ca", "-config", str(conf), "-gencrl", "-out", str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        text = subprocess.run(["openssl", "crl", "-in", str(out), "-noout", "-text"], capture_output=True,
+                              text=True).stdout
+        assert text.count("Serial Number:") == 1 and "Superseded" in text, text
+
+
+def _ca_chain(d: Path, *, crl_issuer_printable: bool = False):
+    """Root → intermediate → leaf (the leaf's file carries the intermediate), and a CRL signed by the
+    root revoking ``revoke``: returns a function writing (root.pem, bundle.pem, leaf pair, crl path)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.name import _ASN1Type
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(3)]
+
+    def name(cn: str, printable: bool = False):
+        kind = {"_type": _ASN1Type.PrintableString} if printable else {}
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn, **kind)])
+
+    def make(cn: str, key, issuer: x509.Name, issuer_key, ca: bool):
+        b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+             .not_valid_after(now + datetime.timedelta(days=30))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                            critical=False))
+        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True) \
+            if ca else b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)  # noqa: E731
+    root = make("Team Root", keys[0], name("Team Root"), keys[0], True)
+    inter = make("Team Laptops", keys[1], root.subject, keys[0], True)
+    leaf = make("alice", keys[2], inter.subject, keys[1], False)
+    (d / "root.pem").write_bytes(pem(root))
+    (d / "bundle.pem").write_bytes(pem(root) + pem(inter))
+    (d / "inter.pem").write_bytes(pem(inter))
+    (d / "alice.pem").write_bytes(pem(leaf) + pem(inter))
+    (d / "alice.key").write_bytes(keys[2].private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+
+    def crl(issuer: str, revoked) -> Path:
+        signer, signer_name = (keys[0], "Team Root") if issuer == "root" else (keys[1], "Team Laptops")
+        entry = x509.RevokedCertificateBuilder().serial_number(revoked.serial_number).revocation_date(now).build()
+        c = (x509.CertificateRevocationListBuilder().issuer_name(name(signer_name, crl_issuer_printable))
+             .last_update(now - datetime.timedelta(minutes=5)).next_update(now + datetime.timedelta(days=30))
+             .add_revoked_certificate(entry).sign(signer, hashes.SHA256()))
+        path = d / f"{issuer}-crl.pem"
+        path.write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    return CertPair(d / "alice.pem", d / "alice.key"), crl, inter, leaf
+
+
+class TestRevocationMatching:
+    """Found by review: a revocation must match however the names are encoded, and wherever in the
+    chain the revoked certificate sits, trust anchors of a --client-ca bundle included."""
+
+    @pytest.mark.parametrize("client_ca", ["root.pem", "bundle.pem"])
+    async def test_revoked_intermediate(self, tmp_path, certs, server_service, sink, client_ca):
+        alice, crl, inter, _ = _ca_chain(tmp_path)
+        backend = await sink("backend.test")
+        svc = await server_service("tls", backend.endpoint, allow=[], client_ca=str(tmp_path / client_ca),
+                                   crl=(str(crl("root", inter)),))
+        greeting = await asyncio.to_thread(tls_greeting, svc.port, alice)
+        assert greeting.startswith(b"554 5.7.1 certificate revoked on "), greeting
+        assert backend.connections == 0
+
+    async def test_crl_issuer_in_another_string_type(self, tmp_path, certs, server_service, sink):
+        """The CRL names its issuer as a PrintableString, the certificates as UTF8String: one CA (OpenSSL
+        compares canonical names too)."""
+        alice, crl, _, leaf = _ca_chain(tmp_path, crl_issuer_printable=True)
+        backend = await sink("backend.test")
+        path = crl("inter", leaf)
+        svc = await server_service("tls", backend.endpoint, allow=[], client_ca=str(tmp_path / "bundle.pem"),
+                                   crl=(str(path),))
+        greeting = await asyncio.to_thread(tls_greeting, svc.port, alice)
+        assert greeting.startswith(b"554 5.7.1 certificate revoked on "), greeting
+
+    def test_a_connection_opened_before_the_reload_is_judged_by_the_new_policy(self, tmp_path, certs, team,
+                                                                              sink_mta):
+        """A thief who opens connections before `ca revoke` + SIGHUP and sends the certificate after it
+        is refused: the handshake is judged by the policy of the moment, not of the accept."""
+        port = free_port()
+        proc = Process([sys.executable, str(ROOT / "certproxy.py"), "server", "--starttls",
+                        "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{sink_mta.port}",
+                        "--cert", str(certs.server.cert), "--key", str(certs.server.key),
+                        "--client-ca", str(team / "ca.pem"), "--crl", str(team / "crl.pem")],
+                       port, tmp_path / "server.log")
+        try:
+            early = smtplib.SMTP("127.0.0.1", port, timeout=20)
+            early.ehlo("thief.test")
+            ok(cli("ca", "revoke", "alice", "--dir", str(team)))
+            proc.proc.send_signal(signal.SIGHUP)
+            assert "reload outcome=ok" in proc.wait_log("reload outcome=ok")
+            early.starttls(context=client_ctx(None, pair(team, "alice")))
+            code, text = early.ehlo("thief.test")
+            assert (code, text[:30]) == (554, b"5.7.1 certificate revoked on 2"), (code, text)
+            early.close()
+            proc.wait_log("outcome=refused")
+        finally:
+            proc.stop()
+        assert sink_mta.connections == 0

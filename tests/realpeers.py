@@ -289,33 +289,54 @@ smtp_dns_support_level = disabled
 
 EXIM_DIR = Path(os.environ.get("CERTPROXY_EXIM_DIR", "/tmp/certproxy-exim"))
 EXIM_PACKAGES = ("exim4-daemon-light", "exim4-base", "exim4-config")
+# Debian's light build has no PROXY protocol support (``exim -bV`` lists no PROXY; ``hosts_proxy`` is an unknown
+# option): the heavy build has it, and needs two libraries a Postfix machine lacks, unpacked beside it.
+EXIM_HEAVY_DIR = Path(os.environ.get("CERTPROXY_EXIM_HEAVY_DIR", "/tmp/certproxy-exim-heavy"))
+EXIM_HEAVY_PACKAGES = ("exim4-daemon-heavy", "libmariadb3", "libspf2-2")
 
 
-def exim_binary() -> Path:
-    """Exim 4 from Debian's packages, unpacked (not installed: it conflicts with postfix) under EXIM_DIR.
-    Downloaded once with ``apt-get download``; later runs (and offline runs) use the cached tree."""
-    exim = EXIM_DIR / "usr" / "sbin" / "exim4"
-    if not exim.exists():
-        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-            unavailable(f"{exim} is missing and apt-get/dpkg-deb are not available to fetch it")
-        tmp = Path(tempfile.mkdtemp(prefix="certproxy-exim-dl-"))
+def _unpack(directory: Path, packages: tuple[str, ...]) -> None:
+    """``apt-get download`` the packages and unpack them all into ``directory`` (atomically)."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        unavailable(f"{directory} is missing and apt-get/dpkg-deb are not available to fetch {' '.join(packages)}")
+    tmp = Path(tempfile.mkdtemp(prefix="certproxy-exim-dl-"))
+    try:
+        r = subprocess.run(["apt-get", "download", *packages], cwd=tmp, capture_output=True, text=True, timeout=300)
+        debs = sorted(tmp.glob("*.deb"))
+        if r.returncode != 0 or len(debs) != len(packages):
+            unavailable(f"apt-get download {' '.join(packages)} failed: {r.stdout}{r.stderr}")
+        tree = tmp / "tree"
+        for deb in debs:
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True, timeout=120)
+        directory.parent.mkdir(parents=True, exist_ok=True)
         try:
-            r = subprocess.run(["apt-get", "download", *EXIM_PACKAGES], cwd=tmp, capture_output=True, text=True,
-                               timeout=300)
-            debs = sorted(tmp.glob("*.deb"))
-            if r.returncode != 0 or len(debs) != len(EXIM_PACKAGES):
-                unavailable(f"apt-get download {' '.join(EXIM_PACKAGES)} failed: {r.stdout}{r.stderr}")
-            tree = tmp / "tree"
-            for deb in debs:
-                subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True, timeout=120)
-            EXIM_DIR.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                tree.rename(EXIM_DIR)  # atomic: a concurrent run either sees the whole tree or none
-            except OSError:
-                if not exim.exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            tree.rename(directory)  # atomic: a concurrent run either sees the whole tree or none
+        except OSError:
+            if not directory.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def exim_library_path(tree: Path) -> str:
+    """LD_LIBRARY_PATH for a binary unpacked under ``tree``: every directory there holding a shared library."""
+    dirs = sorted({str(p.parent) for p in (tree / "usr" / "lib").rglob("*.so.*") if "plugin" not in p.parts})
+    return ":".join(dirs)
+
+
+def exim_binary(proxy: bool = False) -> Path:
+    """Exim 4 from Debian's packages, unpacked (not installed: it conflicts with postfix) under EXIM_DIR, or
+    with ``proxy`` the heavy build (PROXY protocol) under EXIM_HEAVY_DIR (run it with ``exim_library_path``).
+    Downloaded once with ``apt-get download``; later runs (and offline runs) use the cached tree."""
+    directory, packages = (EXIM_HEAVY_DIR, EXIM_HEAVY_PACKAGES) if proxy else (EXIM_DIR, EXIM_PACKAGES)
+    exim = directory / "usr" / "sbin" / "exim4"
+    if not exim.exists():
+        _unpack(directory, packages)
+    if proxy:
+        r = subprocess.run(["ldd", str(exim)], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "LD_LIBRARY_PATH": exim_library_path(directory)})
+        if "not found" in r.stdout:
+            unavailable(f"{exim} lacks libraries (add their packages to EXIM_HEAVY_PACKAGES):\n{r.stdout}")
     try:
         import pwd
         pwd.getpwnam("Debian-exim")
@@ -328,49 +349,44 @@ def exim_binary() -> Path:
     return exim
 
 
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 class Exim:
     """Exim 4.96 (unpacked Debian binary) with a STARTTLS port and an implicit-TLS port
     (tls_on_connect_ports). It asks every client for a certificate (``tls_try_verify_hosts = *``,
     ``tls_verify_certificates`` = the allowed client certificates) and accepts a recipient only when
     ``${sha256:$tls_in_peercert}`` is one of ``relay_fingerprints`` (upper hex, no colons); everything
-    else gets ``550 relay not permitted``. Messages are queued (``queue_only``: the binary cannot re-exec
-    itself from here) and ``deliver()`` runs the queue into ``spool``, one file per message."""
+    else gets ``550 relay not permitted``. Messages are queued (``queue_only``) and ``deliver()`` runs the
+    queue into ``spool``, one file per message.
+
+    Other Exim set-ups subclass it: ``_prepare()`` makes the directories, ``write_config(text)`` writes the
+    settings every instance shares (paths, no lookups, ``queue_only``) followed by ``text``; ``ports``
+    are the ones ``start()`` waits for (no ports: no daemon)."""
 
     def __init__(self, cert: Path, key: Path, client_certs: list[Path], relay_fingerprints: list[str]) -> None:
         require_tool("swaks")
-        self.exim = exim_binary()
-        # Exim drops to Debian-exim: pytest's tmp dirs (0700) are out of its reach.
-        self.dir = Path(tempfile.mkdtemp(prefix="certproxy-exim-"))
-        self.dir.chmod(0o755)
-        self.spool = self.dir / "out"
+        self._prepare()
         self.starttls_port = free_port()
         self.tls_port = free_port()
-        self.pidfile = self.dir / "exim.pid"
-        for d in (self.dir / "spool", self.dir / "log"):
-            d.mkdir()
-            shutil.chown(d, "Debian-exim", "Debian-exim")
-        self.spool.mkdir()
-        self.spool.chmod(0o777)
+        self.ports = [self.starttls_port, self.tls_port]
         cert = Path(shutil.copy(cert, self.dir / "server.pem"))
-        key_copy = self.dir / "server.key"
-        shutil.copy(key, key_copy)
-        shutil.chown(key_copy, "Debian-exim", "Debian-exim")  # read after dropping privileges
-        key_copy.chmod(0o600)
+        key_copy = self.private_copy(key, "server.key")  # read after dropping privileges
         trusted = self.dir / "clients.pem"
         trusted.write_text("".join(Path(c).read_text() for c in client_certs))
         fps = " : ".join(fp.replace(":", "").upper() for fp in relay_fingerprints) or "none"
-        self.conf = self.dir / "exim.conf"
-        self.conf.write_text(f"""\
+        self.write_config(f"""\
 primary_hostname = exim.certproxy.test
 qualify_domain = certproxy.test
 local_interfaces = 127.0.0.1
 daemon_smtp_ports = {self.starttls_port} : {self.tls_port}
 tls_on_connect_ports = {self.tls_port}
-spool_directory = {self.dir}/spool
-log_file_path = {self.dir}/log/%slog
-host_lookup =
-rfc1413_hosts =
-queue_only = true
 tls_advertise_hosts = *
 tls_certificate = {cert}
 tls_privatekey = {key_copy}
@@ -398,19 +414,57 @@ save:
   user = nobody
   create_directory = false
 """)
+
+    def _prepare(self, proxy: bool = False) -> None:
+        """The binary (``proxy``: the heavy build) and a directory of its own for Exim's spool and logs, and
+        ``spool``, where messages are delivered."""
+        self.exim = exim_binary(proxy)
+        self.env = {**os.environ, "LD_LIBRARY_PATH": exim_library_path(EXIM_HEAVY_DIR)} if proxy else None
+        # Exim drops to Debian-exim: pytest's tmp dirs (0700) are out of its reach.
+        self.dir = Path(tempfile.mkdtemp(prefix="certproxy-exim-"))
+        self.dir.chmod(0o755)
+        self.spool = self.dir / "out"
+        self.pidfile = self.dir / "exim.pid"
+        self.conf = self.dir / "exim.conf"
+        self.ports: list[int] = []
+        for d in (self.dir / "spool", self.dir / "log"):
+            d.mkdir()
+            shutil.chown(d, "Debian-exim", "Debian-exim")
+        self.spool.mkdir()
+        self.spool.chmod(0o777)
+
+    def private_copy(self, path: Path, name: str) -> Path:
+        """A copy of ``path`` only Debian-exim (and root) can read: Exim reads keys after dropping privileges."""
+        copy = self.dir / name
+        shutil.copy(path, copy)
+        shutil.chown(copy, "Debian-exim", "Debian-exim")
+        copy.chmod(0o600)
+        return copy
+
+    def write_config(self, text: str) -> None:
+        # exim_path: Exim re-executes itself to submit a bounce; its compiled-in /usr/sbin/exim4 is not there.
+        self.conf.write_text(f"""\
+exim_path = {self.exim}
+keep_environment =
+spool_directory = {self.dir}/spool
+log_file_path = {self.dir}/log/%slog
+host_lookup =
+rfc1413_hosts =
+queue_only = true
+{text}""")
         self.conf.chmod(0o644)
 
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.exim), "-C", str(self.conf), *args], capture_output=True, text=True,
-                              timeout=timeout)
+    def run(self, *args: str, input: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.exim), "-C", str(self.conf), *args], input=input, capture_output=True,
+                              timeout=timeout, env=self.env, text=input is None)
 
     def start(self) -> Exim:
         r = self.run("-bd", "-oP", str(self.pidfile))
         try:
             if r.returncode != 0:
                 raise RuntimeError(f"exim -bd exited {r.returncode}")
-            wait_port(self.starttls_port, what="exim")
-            wait_port(self.tls_port, what="exim")
+            for port in self.ports:
+                wait_port(port, what="exim")
         except RuntimeError as e:
             self.stop()
             raise RuntimeError(f"{e}\n{r.stdout}{r.stderr}\n{self.mainlog()}") from None
@@ -428,20 +482,31 @@ save:
             try:
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    os.kill(pid, 0)
-                    time.sleep(0.05)
+                # The daemon is not our child: once it exits it stays a zombie until init reaps it (a second
+                # or more in some containers), and a zombie is as good as gone.
+                while time.monotonic() < deadline and not _exited(pid):
+                    time.sleep(0.01)
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def submit(self, sender: str, message: bytes) -> subprocess.CompletedProcess:
+        """Queue ``message`` as a local user would (``exim -odq -i -t``: recipients from its headers; a line
+        holding only ``.`` is content)."""
+        return self.run("-odq", "-i", "-f", sender, "-t", input=message)
+
     def deliver(self) -> subprocess.CompletedProcess:
-        """Run the queue once (``-qff``): every queued message becomes a file in ``spool``."""
+        """Run the queue once (``-qff``): it returns once every queued message had its delivery attempt."""
         return self.run("-qff")
 
-    def mainlog(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in sorted((self.dir / "log").glob("*log")))
+    def queue(self) -> str:
+        """``exim -bp``: what is still queued."""
+        return self.run("-bp").stdout
+
+    def mainlog(self, which: str = "*") -> str:
+        """The logs (``which``: ``main``, ``reject`` or ``panic`` for one of them)."""
+        return "".join(p.read_text(errors="replace") for p in sorted((self.dir / "log").glob(f"{which}log")))
 
     def messages(self, n: int = 1, timeout: float = 20) -> list[bytes]:
         """Deliver, then the files of the first ``n`` messages (fewer if they do not arrive in time)."""

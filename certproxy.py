@@ -3327,7 +3327,7 @@ class _ServerSession(_Session):
             self.route = cfg.untrusted_backend
             return
         if cfg.soft_refusal and self.refusal not in ("revoked", "denied"):  # those are meant for good
-            reply = _soft(reply)
+            reply = facts["reply"] = _soft(reply)  # the line says the client was told to come back
         gate = SMTPGate(self.settings.hostname, refusal=reply)
         if self.mode is TLSMode.IMPLICIT:
             self.client.write(gate.greeting())

@@ -287,5 +287,10 @@ class Sendmail:
                 return out
             time.sleep(0.1)
 
+    def run_queue(self) -> subprocess.CompletedProcess:
+        """One queue run (``-q``), logging to the daemon's log file (``-D`` appends). It returns at once:
+        the runner delivers in a child of its own, so a test waits for the log line it expects."""
+        return self.run("-q", "-D", str(self.logfile), "-d89.8")
+
     def queue_files(self) -> list[str]:
         return sorted(p.name for p in self.queue.iterdir())

@@ -7,7 +7,9 @@ manualroute smarthost, an smtp transport with ``tls_certificate``), msmtp (``tls
 ``tls_fingerprint``). The message reaches smtp-sink behind certproxy with its body intact. With a
 certificate certproxy does not allow, each MTA is refused (``554 5.7.1 certificate not authorised``) and
 the tests pin down what it then does with the message — bounce, defer, or exit — since that decides
-whether a refusal should be temporary.
+whether a refusal should be temporary. With ``--soft-refusal`` (``454 4.7.1``) Postfix over STARTTLS and
+Exim defer instead, keep the message without telling the sender, and deliver it once the certificate is
+allowed (test_sendmail.py: sendmail too).
 
 Exim behind certproxy server (``--proxy-protocol``, ``hosts_proxy``): Exim sees the laptop's real address,
 relays only for what certproxy vouched for, and refuses the same port reached without certproxy.
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SENDER = "a@laptop.certproxy.test"
 RECIPIENT = "b@example.net"
 REFUSAL = "554 5.7.1 certificate not authorised"
+SOFT_REFUSAL = "454 4.7.1 certificate not authorised; try again later"  # certproxy server --soft-refusal
 MODES = ["starttls", "tls"]  # certproxy server --starttls (587) / --tls (465)
 
 # What could go wrong on the way: dot-stuffing (a lone dot, leading dots), trailing blanks, a tab, 8-bit text,
@@ -79,6 +82,12 @@ class Front:
     sink: Process
     out: Path
     allow: Path
+    soft_refusal: bool = False
+
+    @property
+    def refusal(self) -> str:
+        """What certproxy answers a certificate it does not allow (yet)."""
+        return SOFT_REFUSAL if self.soft_refusal else REFUSAL
 
     @property
     def port(self) -> int:
@@ -89,9 +98,16 @@ class Front:
         [line] = lines_with("session id=", log)
         return line
 
-    def assert_delivered(self, subject: str, pair) -> bytes:
-        """One message at the sink, from a session certproxy allowed for ``pair``, its body intact."""
-        line = self.session_line("ok")
+    def assert_delivered(self, subject: str, pair, refused_first: bool = False) -> bytes:
+        """One message at the sink, from a session certproxy allowed for ``pair`` (``refused_first``: the
+        session after the one that refused it), its body intact."""
+        if refused_first:
+            lines = lines_with("session id=", self.proc.wait_log("outcome=ok"))
+            assert len(lines) == 2 and f"cert_fp={pair.fp} cert=refused" in lines[0], lines
+            assert "outcome=refused" in lines[0] and "outcome=ok" in lines[1], lines
+            line = lines[1]
+        else:
+            line = self.session_line("ok")
         assert f"cert_fp={pair.fp} cert=allowed" in line, line
         assert f"tls={'starttls' if self.mode == 'starttls' else 'implicit'} " in line, line
         files = wait_files(self.out, 1)
@@ -124,10 +140,11 @@ class Front:
 
 @pytest.fixture
 def front(tmp_path, certs):
-    """Factory: certproxy server (``mode``: starttls or tls) in front of smtp-sink, allowing certs.client."""
+    """Factory: certproxy server (``mode``: starttls or tls; ``soft_refusal``: with --soft-refusal) in front of
+    smtp-sink, allowing certs.client."""
     started: list[Front] = []
 
-    def start(mode: str) -> Front:
+    def start(mode: str, soft_refusal: bool = False) -> Front:
         sink, out = smtp_sink(tmp_path)
         allow = tmp_path / "allow"
         allow.mkdir()
@@ -137,12 +154,13 @@ def front(tmp_path, certs):
             proc = Process([sys.executable, str(ROOT / "certproxy.py"), "server", f"--{mode}",
                             "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{sink.port}",
                             "--cert", str(certs.server.cert), "--key", str(certs.server.key), "--allow", str(allow),
-                            "--hostname", "mx.certproxy.test"], port, tmp_path / "certproxy.log")
+                            "--hostname", "mx.certproxy.test", *(["--soft-refusal"] if soft_refusal else [])],
+                           port, tmp_path / "certproxy.log")
         except BaseException:
             sink.stop()
             shutil.rmtree(out, ignore_errors=True)
             raise
-        fr = Front(proc, mode, sink, out, allow)
+        fr = Front(proc, mode, sink, out, allow, soft_refusal)
         started.append(fr)
         return fr
 
@@ -232,35 +250,35 @@ class TestPostfixLaptop:
         assert "Mail queue is empty" in queue, queue
         fr.assert_refused(certs.other_client)
 
-    @pytest.mark.parametrize("mode, soft_bounce, status", [("tls", None, "deferred"),
-                                                           ("starttls", "main.cf", "SOFTBOUNCE"),
-                                                           ("starttls", "master.cf", "SOFTBOUNCE")],
-                             ids=["implicit-tls", "starttls-soft_bounce-main.cf", "starttls-soft_bounce-master.cf"])
-    def test_refused_mail_stays_queued_and_goes_once_allowed(self, tmp_path, certs, front, mode, soft_bounce, status):
+    @pytest.mark.parametrize("mode, soft_bounce, soft_refusal, status", [
+        ("tls", None, False, "deferred"),
+        ("starttls", "main.cf", False, "SOFTBOUNCE"),
+        ("starttls", "master.cf", False, "SOFTBOUNCE"),
+        ("starttls", None, True, "deferred"),
+    ], ids=["implicit-tls", "starttls-soft_bounce-main.cf", "starttls-soft_bounce-master.cf", "starttls-soft-refusal"])
+    def test_refused_mail_stays_queued_and_goes_once_allowed(self, tmp_path, certs, front, mode, soft_bounce,
+                                                             soft_refusal, status):
         """Implicit TLS: the refusal is the greeting, and Postfix skips a 5xx greeting as a temporary problem
         (smtp_skip_5xx_greeting = yes, the default). STARTTLS with soft_bounce = yes (for everything in
-        main.cf, or for the smtp client alone in master.cf): deferred too. The message then waits in the
-        queue until the certificate is allowed; a flush delivers it."""
-        fr = front(mode)
+        main.cf, or for the smtp client alone in master.cf): deferred too; or, with no change on the laptop,
+        certproxy server --soft-refusal's 454. The message then waits in the queue until the certificate is
+        allowed; a flush delivers it."""
+        fr = front(mode, soft_refusal)
+        refused = f"(host 127.0.0.1[127.0.0.1] refused to talk to me: {fr.refusal})"
         with PostfixLaptop(tmp_path / "laptop", certs, certs.other_client, fr.port, mode, soft_bounce) as pf:
             assert pf.sendmail(SENDER, message("postfix queued")).returncode == 0
             log = pf.wait_maillog(f"status={status}")
-            queue = wait_for(pf.queue, f"(host 127.0.0.1[127.0.0.1] refused to talk to me: {REFUSAL})")
+            queue = wait_for(pf.queue, refused)
             fr.assert_refused(certs.other_client)
             fr.allow_and_reload(certs.other_client)
             assert pf.flush().returncode == 0
             log = pf.wait_maillog("status=sent")
             bounces = wait_files(pf.spool, 1, timeout=0)
-            assert postfix_status(log, fr.port) == [
-                f"dsn=4.7.1 status={status} (host 127.0.0.1[127.0.0.1] refused to talk to me: {REFUSAL})",
-                "dsn=2.0.0 status=sent (250 2.0.0 Ok)"], log
-        assert f"(host 127.0.0.1[127.0.0.1] refused to talk to me: {REFUSAL})" in queue and RECIPIENT in queue, queue
+            assert postfix_status(log, fr.port) == [f"dsn=4.7.1 status={status} {refused}",
+                                                    "dsn=2.0.0 status=sent (250 2.0.0 Ok)"], log
+        assert refused in queue and RECIPIENT in queue, queue
         assert bounces == []  # no delay warning, no bounce: the sender learns nothing
-        lines = lines_with("session id=", fr.proc.wait_log("outcome=ok"))
-        assert len(lines) == 2 and "cert=refused" in lines[0] and "outcome=refused" in lines[0], lines
-        assert f"cert_fp={certs.other_client.fp} cert=allowed" in lines[1] and "outcome=ok" in lines[1], lines
-        files = wait_files(fr.out, 1)
-        assert len(files) == 1 and files[0].read_bytes().split(b"\n\n", 1)[1] == BODY.encode() + b"\n"
+        fr.assert_delivered("postfix queued", certs.other_client, refused_first=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -368,6 +386,40 @@ class TestEximLaptop:
         ndr = bounces[0]
         assert "This is a permanent error." in ndr and f"\nDiagnostic-Code: smtp; {REFUSAL}\n" in ndr, ndr
         fr.assert_refused(certs.other_client)
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_soft_refusal_defers_until_allowed(self, certs, front, mode):
+        """certproxy server --soft-refusal: Exim takes the 454 as temporary (``==``, defer) in both modes and
+        keeps the message without telling the sender; once the certificate is allowed, the next queue run
+        delivers it. (``-qff`` forces the run past Exim's retry time, F,2h,15m: 15 minutes here.)"""
+        fr = front(mode, soft_refusal=True)
+        with EximLaptop(certs, certs.other_client, fr.port, mode) as ex:
+            assert ex.submit(SENDER, message("exim soft refusal")).returncode == 0
+            ex.deliver()
+            log, queue = ex.mainlog(), ex.queue()
+            fr.assert_refused(certs.other_client)
+            fr.allow_and_reload(certs.other_client)
+            ex.deliver()
+            after = ex.mainlog()[len(log):]
+            queue_after = ex.queue()
+            bounces = wait_files(ex.spool, 1, timeout=0)
+        # Exim logs the host's error, then the recipient's deferral; errno -45 is ERRNO_MAIL4XX (a 4xx to
+        # MAIL); the 454 greeting of implicit TLS has none. The refused EHLO is ignored as with the 554.
+        after_what, errno = {"starttls": (f"MAIL FROM:<{SENDER}>", "-45"), "tls": ("\\n", "0")}[mode]
+        error = f"SMTP error from remote mail server after {after_what}: {SOFT_REFUSAL}"
+        [deferred] = exim_lines(log, "==")
+        assert deferred == (f"{RECIPIENT} R=smarthost T=remote_smtp defer ({errno}) H=127.0.0.1 [127.0.0.1]:{fr.port}: "
+                            f"{error}"), deferred
+        assert exim_lines(log, "**") == [] and exim_lines(log, "=>") == [] and exim_lines(log, "<= <>") == [], log
+        [msgid] = re.findall(rf"^\S+ \S+ (\S+) <= {re.escape(SENDER)} U=", log, re.M)
+        assert re.fullmatch(rf" *0m +\S+ {msgid} <{re.escape(SENDER)}>\n +{re.escape(RECIPIENT)}\n\n", queue), queue
+        [sent] = exim_lines(after, "=>")
+        assert re.fullmatch(rf"{RECIPIENT} R=smarthost T=remote_smtp H=127\.0\.0\.1 \[127\.0\.0\.1\]:{fr.port} "
+                            r"X=TLS1\.3:\S+ CV=yes C=\"250 2\.0\.0 Ok\"", sent), sent
+        assert f" {msgid} Completed\n" in after, after
+        assert exim_lines(after, "**") == [] and exim_lines(after, "<= <>") == [], after  # no bounce, ever
+        assert queue_after == "" and bounces == [], (queue_after, bounces)
+        fr.assert_delivered("exim soft refusal", certs.other_client, refused_first=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -342,6 +342,10 @@ class TestSoftRefusal:
             writer.write(b"QUIT\r\n")
             assert (await read_reply(reader)).startswith(b"221 ")
             writer.close()
+            line = facts_of(await session_line(caplog))
+            caplog.clear()
+            told = reply.decode().strip() if reply.startswith(b"454") else None  # a 554 is the usual: not repeated
+            assert line["outcome"] == "refused" and line.get("reply") == told, line
         assert backend.connections == 0
 
     async def test_certproxy_client_names_the_soft_refusal(self, certs, server_service, client_service, sink, caplog):

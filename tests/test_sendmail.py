@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +52,10 @@ def certproxy_server(tmp_path: Path, backend: int, *args: str, name: str = "serv
                    port, tmp_path / f"{name}.log")
 
 
-def server_args(certs, *mode: str, cert=None) -> list[str]:
+def server_args(certs, *mode: str, cert=None, allow: Path | None = None) -> list[str]:
+    """``allow``: an --allow directory instead of the laptop's certificate file."""
     pair = cert or certs.server
-    return [*mode, "--cert", str(pair.cert), "--key", str(pair.key), "--allow", str(certs.client.cert)]
+    return [*mode, "--cert", str(pair.cert), "--key", str(pair.key), "--allow", str(allow or certs.client.cert)]
 
 
 def session_line(proc: Process) -> str:
@@ -144,6 +146,64 @@ class TestSendmailOnTheLaptop:
                          rf"cert_fp={certs.other_client.fp} cert=refused ", line), line
         assert " backend=" not in line and ' outcome=refused reason="certificate is not an --allow certificate"' \
             in line, line
+
+    def test_soft_refusal_stays_queued_until_allowed(self, tmp_path, certs, sink):
+        """With certproxy server --soft-refusal the same stranger hears ``454 4.7.1``: sendmail defers (no
+        DSN, nothing for postmaster) and keeps the message; once the certificate is in the --allow directory
+        and certproxy has reloaded, the next queue run delivers it, byte-intact."""
+        sink_proc, out = sink
+        allow = tmp_path / "allow"
+        allow.mkdir()
+        shutil.copy(certs.client.cert, allow / "laptop.pem")
+        server = certproxy_server(tmp_path, sink_proc.port, *server_args(certs, "--starttls", allow=allow),
+                                  "--soft-refusal")
+        try:
+            with Sendmail("laptop.certproxy.test", relay_port=server.port, client_cert=certs.other_client.cert,
+                          client_key=certs.other_client.key, server_cert=certs.server.cert) as sm:
+                qid = sm.submit(SENDER, RECIPIENT, message("queued for a stranger"))
+                log = sm.wait_log(rf"^{qid}: to=")
+                mailq = sm.mailq(until="(Deferred: ")
+                queued = sm.queue_files()
+                refused = session_line(server)
+                nothing = wait_files(out, 1, timeout=0)
+                shutil.copy(certs.other_client.cert, allow / "new-laptop.pem")
+                server.proc.send_signal(signal.SIGHUP)
+                reloaded = server.wait_log("reload outcome=ok")
+                assert sm.run_queue().returncode == 0
+                after = sm.wait_log(rf"^{qid}: done")[len(log):]
+                mailq_after = sm.mailq()
+                queued_after = sm.queue_files()
+            lines = [line for line in server.wait_log("outcome=ok").splitlines() if " session id=" in line]
+        finally:
+            server.stop()
+        assert "verify=OK" in log, log
+        # The enhanced code is sendmail's own (4.5.0, as 5.5.0 for the 554): it reads none from an EHLO reply.
+        assert re.search(r", mailer=relay, pri=\d+, relay=\[127\.0\.0\.1\] \[127\.0\.0\.1\], dsn=4\.5\.0, "
+                         r"reply=454 4\.7\.1 certificate not authorised; try again later, "
+                         r"stat=Deferred: 454 4\.7\.1 certificate not authorised; try again later$",
+                         delivery_line(log, qid), re.M), log
+        assert "DSN:" not in log + after and "MAILER-DAEMON" not in mailq + mailq_after, (log, after, mailq)
+        # mailq cuts the reason short ("... try again la)").
+        assert re.search(rf"^{qid} +\d+ .*<{SENDER}>\n +\(Deferred: 454 4\.7\.1 certificate not authorised; try "
+                         rf"again la\)\n\s+<{RECIPIENT}>\n\s+Total requests: 1$", mailq, re.M), mailq
+        assert queued == [f"df{qid}", f"qf{qid}"], queued
+        assert re.search(rf'tls=starttls tls_version=TLSv1\.3 cipher=\S+ cert_subject="CN=stranger" '
+                         rf"cert_fp={certs.other_client.fp} cert=refused ", refused), refused
+        assert " backend=" not in refused and ' outcome=refused reason="certificate is not an --allow certificate"' \
+            in refused, refused
+        assert nothing == []  # the refused session is over and never reached the sink
+        assert "reload outcome=ok" in reloaded, reloaded
+        assert re.search(rf"^{qid}: to=<{RECIPIENT}>, delay=\S+, xdelay=\S+, mailer=relay, pri=\d+, "
+                         r"relay=\[127\.0\.0\.1\] \[127\.0\.0\.1\], dsn=2\.0\.0, stat=Sent \(Ok\)$", after, re.M), after
+        assert re.search(rf"^{qid}: done; delay=\S+, ntries=2$", after, re.M), after
+        assert "Total requests: 0" in mailq_after and queued_after == [], (mailq_after, queued_after)
+        assert len(lines) == 2 and lines[0] == refused, lines
+        assert f"cert_fp={certs.other_client.fp} cert=allowed cert_name=stranger backend=127.0.0.1:{sink_proc.port} " \
+            in lines[1] and " outcome=ok" in lines[1], lines
+        files = wait_files(out, 1)
+        assert len(files) == 1, files
+        received = files[0].read_bytes()
+        assert body_of(received) == BODY.encode() and b"\nSubject: queued for a stranger\n" in received, received
 
     def test_group_readable_key_means_no_certificate(self, tmp_path, certs, sink):
         """sendmail skips a client key others may read and goes on without a certificate: certproxy's

@@ -979,10 +979,16 @@ class ClientPolicy:
                        name="" if why else self.name(der), until=until, kind=kind if why else "allowed")
 
     def barred(self, der: bytes, cert=None, chain: list[bytes] = ()) -> tuple[str, str, str] | None:
-        """(why, reply, kind) when ``der`` is shut out whatever else allows it: its certificate or key
-        is in --deny-fingerprint, or a --crl revokes it or a CA between it and ours; else None."""
-        if self.denied.digests and self.denied.match(der):
-            return "certificate (or its key) is in --deny-fingerprint", "554 5.7.1 certificate revoked", "denied"
+        """(why, reply, kind) when ``der`` is shut out whatever else allows it: its certificate or key,
+        or a CA certificate of its chain, is in --deny-fingerprint, or a --crl revokes it or a CA of its
+        chain; else None."""
+        if self.denied.digests:
+            if self.denied.match(der):
+                return "certificate (or its key) is in --deny-fingerprint", "554 5.7.1 certificate revoked", "denied"
+            for ca in chain[1:]:  # a CA on the way (a compromised intermediate) shuts out all it issued
+                if self.denied.match(ca):
+                    return (f"its CA {certificate_subject(ca)} is in --deny-fingerprint", "554 5.7.1 certificate revoked",
+                            "denied")
         if not self.revoked:
             return None
         from cryptography import x509

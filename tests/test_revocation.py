@@ -518,3 +518,21 @@ class TestRevocationMatching:
         finally:
             proc.stop()
         assert sink_mta.connections == 0
+
+
+async def test_deny_fingerprint_of_an_intermediate_shuts_out_what_it_issued(tmp_path, certs, server_service, sink):
+    """--deny-fingerprint names a CA of the chain (a compromised intermediate, by certificate or key):
+    every leaf it issued is refused; a near miss of it refuses nothing."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    alice, _, inter, _ = _ca_chain(tmp_path)
+    backend = await sink("backend.test")
+    inter_der = inter.public_bytes(Encoding.DER)
+    for deny, refused in ((certproxy.format_fingerprint(certproxy.cert_fingerprint(inter_der)), True),
+                          (certproxy.format_fingerprint(certproxy.spki_fingerprint(inter_der)), True),
+                          (near_miss(certproxy.format_fingerprint(certproxy.cert_fingerprint(inter_der))), False)):
+        svc = await server_service("tls", backend.endpoint, allow=[], client_ca=str(tmp_path / "root.pem"),
+                                   deny_fingerprints=certproxy.Pins.parse([deny], "--deny-fingerprint"))
+        greeting = await asyncio.to_thread(tls_greeting, svc.port, alice)
+        assert greeting.startswith(b"554 5.7.1 certificate revoked\r\n" if refused else b"220 backend.test"), \
+            (deny, greeting)

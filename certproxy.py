@@ -906,7 +906,7 @@ class Verdict(NamedTuple):
     reply: str  # when not allowed: the SMTP reply
     name: str  # when allowed: who it is (XCLIENT LOGIN, logs)
     until: float  # time.time() after which this verdict must be made again (a date is crossed)
-    kind: str = "allowed"  # else why, in one word (REFUSAL_KINDS): the metrics' label
+    kind: str = "allowed"  # else why, in one word (unknown, chain, expired, revoked...): the metrics' label
 
 
 @dataclass(frozen=True, slots=True)
@@ -965,10 +965,8 @@ class ClientPolicy:
             why, reply = f"certificate is not valid before {nb:%Y-%m-%d %H:%M} UTC", "554 5.7.1 certificate not yet valid"
             kind = "not_yet_valid"
         elif fp not in self.allowed:
-            why = self._ca_problem(cert, chain, error) if self.ca_fingerprints else \
-                "certificate is not an --allow certificate"
-            if why.startswith(("--client-ca", "signature")):
-                kind = "chain"
+            why, kind = self._ca_problem(cert, chain, error) if self.ca_fingerprints else \
+                ("certificate is not an --allow certificate", "unknown")
         if not why and self.fingerprints.digests and not self.fingerprints.match(der):
             why, kind = "certificate fingerprint is not in --allow-fingerprint", "fingerprint"
         # Judged again once a date in it is crossed: the leaf's (or a CA's) end, or a future start.
@@ -1002,21 +1000,22 @@ class ClientPolicy:
                         f"554 5.7.1 certificate revoked on {hit.date:%Y-%m-%d}", "revoked")
         return None
 
-    def _ca_problem(self, cert, chain: list[bytes], error: tuple[int, int] | None) -> str:
-        """Why ``cert`` is not a certificate a --client-ca issued ("" if it is): OpenSSL's chain ends at
-        one of our CA certificates, OpenSSL found nothing wrong (dates, CA constraints, purpose), and
-        every signature on the way is checked again here."""
+    def _ca_problem(self, cert, chain: list[bytes], error: tuple[int, int] | None) -> tuple[str, str]:
+        """Why ``cert`` is not a certificate a --client-ca issued, and that in one word (unknown: not
+        ours at all; chain: ours by name, but the chain fails), or ("", "") if it is: OpenSSL's chain
+        ends at one of our CA certificates, OpenSSL found nothing wrong (dates, CA constraints,
+        purpose), and every signature on the way is checked again here."""
         from cryptography import x509
 
         if len(chain) < 2 or cert_fingerprint(chain[-1]) not in self.ca_fingerprints:
-            return "certificate is neither an --allow certificate nor issued by --client-ca"
+            return "certificate is neither an --allow certificate nor issued by --client-ca", "unknown"
         if error is not None:
-            return f"--client-ca chain check failed: {_verify_error(error[0])} (depth {error[1]})"
+            return f"--client-ca chain check failed: {_verify_error(error[0])} (depth {error[1]})", "chain"
         certs = [cert] + [x509.load_der_x509_certificate(d) for d in chain[1:]]
         for child, parent in zip(certs, certs[1:]):
             if not _signed_by(child, parent):
-                return f"signature by {parent.subject.rfc4514_string()} does not verify (a CA look-alike?)"
-        return ""
+                return f"signature by {parent.subject.rfc4514_string()} does not verify (a CA look-alike?)", "chain"
+        return "", ""
 
     def name(self, der: bytes) -> str:
         """Who an allowed certificate is, for the MTA (XCLIENT LOGIN) and the logs: its name in
@@ -1061,6 +1060,20 @@ def _canonical_name(name) -> tuple:
     return tuple((a.oid.dotted_string, " ".join(str(a.value).split()).casefold()) for a in name)
 
 
+def _read_crl(path: str):
+    """An X.509 CRL from a PEM or DER file (OSError, ValueError)."""
+    from cryptography import x509
+
+    with open(path, "rb") as f:
+        data = f.read()
+    return x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+
+
+def _next_update(crl) -> datetime.datetime | None:
+    """A CRL's nextUpdate as an aware UTC datetime, with the cryptography of Debian 12 (38) too."""
+    return getattr(crl, "next_update_utc", None) or (crl.next_update and crl.next_update.replace(tzinfo=_UTC))
+
+
 def _load_crls(paths: tuple[str, ...], ca_ders: list[bytes]) -> tuple[dict, dict]:
     """Every --crl (PEM or DER X.509 CRL, as ``certproxy ca revoke`` or ``openssl ca -gencrl`` write
     them): each must be signed by one of the --client-ca certificates, or certproxy does not start. A
@@ -1073,12 +1086,9 @@ def _load_crls(paths: tuple[str, ...], ca_ders: list[bytes]) -> tuple[dict, dict
     next_updates: dict[str, datetime.datetime | None] = {}
     for path in paths:
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            crl = _read_crl(path)
         except OSError as e:
             raise ConfigError("--crl", f"cannot read {path!r}: {e.strerror}") from None
-        try:
-            crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
         except ValueError:
             raise ConfigError("--crl", f"{path!r} is not an X.509 CRL (PEM or DER)") from None
         issuer = _canonical_name(crl.issuer)
@@ -1088,8 +1098,7 @@ def _load_crls(paths: tuple[str, ...], ca_ders: list[bytes]) -> tuple[dict, dict
                                        + ("but its signature does not verify with the --client-ca of that name"
                                           if named else "which is not a --client-ca certificate")
                                        + ": a CRL from another CA")
-        next_updates[path] = getattr(crl, "next_update_utc", None) or (
-            crl.next_update and crl.next_update.replace(tzinfo=_UTC))
+        next_updates[path] = _next_update(crl)
         for entry in crl:
             when = getattr(entry, "revocation_date_utc", None) or entry.revocation_date.replace(tzinfo=_UTC)
             try:
@@ -1101,27 +1110,28 @@ def _load_crls(paths: tuple[str, ...], ca_ders: list[bytes]) -> tuple[dict, dict
 
 
 def _crl_next_update(path: str) -> datetime.datetime | None:
-    from cryptography import x509
-
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+        return _next_update(_read_crl(path))
     except (OSError, ValueError):
         return None
-    return getattr(crl, "next_update_utc", None) or (crl.next_update and crl.next_update.replace(tzinfo=_UTC))
+
+
+def _due(when: datetime.datetime, past: str, soon: str) -> str | None:
+    """``past`` once ``when`` has come, ``soon`` within EXPIRY_WARNING_DAYS of it, else None (templates
+    with {date}, and {days} left)."""
+    left = when - datetime.datetime.now(_UTC)
+    if left.total_seconds() <= 0:
+        return past.format(date=f"{when:%Y-%m-%d}")
+    if left.days < EXPIRY_WARNING_DAYS:
+        return soon.format(days=left.days, date=f"{when:%Y-%m-%d}")
+    return None
 
 
 def crl_problem(nxt: datetime.datetime | None) -> str | None:
     """Like expiry_problem, for a CRL's nextUpdate: it is time to sign a fresh one."""
     if nxt is None:
         return None
-    left = nxt - datetime.datetime.now(_UTC)
-    if left.total_seconds() <= 0:
-        return f"OUTDATED since {nxt:%Y-%m-%d} (its nextUpdate); still enforced"
-    if left.days < EXPIRY_WARNING_DAYS:
-        return f"nextUpdate in {left.days} days ({nxt:%Y-%m-%d})"
-    return None
+    return _due(nxt, "OUTDATED since {date} (its nextUpdate); still enforced", "nextUpdate in {days} days ({date})")
 
 
 def server_context(cfg: ServerConfig) -> tuple[SSL.Context, ClientPolicy]:
@@ -2516,9 +2526,6 @@ def _port_problem(ep: Endpoint) -> str:
     return ""
 
 
-# What to do about a configured certificate that expires, by the option that names it: only the
-# service's own certificate is the operator's to renew.
-
 class _Metrics:
     """What --metrics serves, in the Prometheus text exposition format 0.0.4 (Prometheus, Grafana
     Agent, VictoriaMetrics scrape it unchanged): sessions by service and outcome, refusals by reason,
@@ -2707,6 +2714,8 @@ async def _serve_metrics(ep: Endpoint, services) -> asyncio.Task:
     return asyncio.get_running_loop().create_task(serve())
 
 
+# What to do about a configured certificate that expires, by the option that names it: only the
+# service's own certificate is the operator's to renew.
 _EXPIRY_ACTIONS = {
     "--allow": "ask its owner for a renewed certificate and put that in --allow; until then that client is "
                "refused, everyone else is served",
@@ -3431,7 +3440,7 @@ def _allow_hint(cfg: ServerConfig, verdict: Verdict) -> str:
     """What the operator adds to let a refused certificate in (pasteable)."""
     if verdict.kind in ("revoked", "denied"):
         return "none: it is shut out on purpose (--crl / --deny-fingerprint); its owner needs a new certificate"
-    if verdict.reply.startswith("554 5.7.1 certificate expired") or "not valid before" in verdict.why:
+    if verdict.kind in ("expired", "not_yet_valid"):
         return "ask the certificate's owner for a renewed one and put that in --allow (or issue it from --client-ca)"
     if cfg.client_ca and cfg.allow_fingerprints.digests:
         return f"if this is a laptop of yours: --allow-fingerprint '{verdict.spki} NAME'"
@@ -3799,11 +3808,14 @@ def _index_row(der: bytes) -> list[str]:
 def _record_issued(ca_dir: str, der: bytes) -> list[str]:
     """Add a certificate the CA issued to its index (and keep a copy): 'ca list' and 'ca revoke' work
     from there."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
     row = _index_row(der)
     rows = _read_index(ca_dir)
     os.makedirs(os.path.join(ca_dir, "issued"), exist_ok=True)
     with open(os.path.join(ca_dir, row[4]), "wb") as f:
-        f.write(_der_to_pem(der))
+        f.write(x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM))
     if not any(r[3] == row[3] for r in rows):
         rows.append(row)
         _write_index(ca_dir, rows)
@@ -3816,14 +3828,6 @@ def _row_spki(ca_dir: str, row: list[str]) -> bytes | None:
         return spki_fingerprint(_pem_to_der(os.path.join(ca_dir, row[4]))[0])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _der_to_pem(der: bytes) -> bytes:
-    import base64
-    import textwrap
-
-    body = "\n".join(textwrap.wrap(base64.b64encode(der).decode(), 64))
-    return f"-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n".encode()
 
 
 def _row_name(row: list[str]) -> str:
@@ -4034,13 +4038,7 @@ def expiry_problem(der: bytes) -> str | None:
     """A sentence when the certificate has expired or expires within EXPIRY_WARNING_DAYS, else None."""
     from cryptography import x509
 
-    not_after = _validity(x509.load_der_x509_certificate(der))[1]
-    left = not_after - datetime.datetime.now(datetime.timezone.utc)
-    if left.total_seconds() <= 0:
-        return f"EXPIRED on {not_after:%Y-%m-%d}"
-    if left.days < EXPIRY_WARNING_DAYS:
-        return f"expires in {left.days} days ({not_after:%Y-%m-%d})"
-    return None
+    return _due(_validity(x509.load_der_x509_certificate(der))[1], "EXPIRED on {date}", "expires in {days} days ({date})")
 
 
 def _cmd_fingerprint(args: argparse.Namespace) -> int:

@@ -218,14 +218,19 @@ class Process:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end(self.proc)
         self._fh.close()
+
+
+def end(proc: subprocess.Popen) -> None:
+    """SIGTERM, 10 s to go, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def smtp_sink(workdir: Path) -> tuple[Process, Path]:
@@ -295,11 +300,11 @@ EXIM_HEAVY_DIR = Path(os.environ.get("CERTPROXY_EXIM_HEAVY_DIR", "/tmp/certproxy
 EXIM_HEAVY_PACKAGES = ("exim4-daemon-heavy", "libmariadb3", "libspf2-2")
 
 
-def _unpack(directory: Path, packages: tuple[str, ...]) -> None:
+def unpack_packages(directory: Path, packages: tuple[str, ...]) -> None:
     """``apt-get download`` the packages and unpack them all into ``directory`` (atomically)."""
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         unavailable(f"{directory} is missing and apt-get/dpkg-deb are not available to fetch {' '.join(packages)}")
-    tmp = Path(tempfile.mkdtemp(prefix="certproxy-exim-dl-"))
+    tmp = Path(tempfile.mkdtemp(prefix="certproxy-dl-"))
     try:
         r = subprocess.run(["apt-get", "download", *packages], cwd=tmp, capture_output=True, text=True, timeout=300)
         debs = sorted(tmp.glob("*.deb"))
@@ -331,7 +336,7 @@ def exim_binary(proxy: bool = False) -> Path:
     directory, packages = (EXIM_HEAVY_DIR, EXIM_HEAVY_PACKAGES) if proxy else (EXIM_DIR, EXIM_PACKAGES)
     exim = directory / "usr" / "sbin" / "exim4"
     if not exim.exists():
-        _unpack(directory, packages)
+        unpack_packages(directory, packages)
     if proxy:
         r = subprocess.run(["ldd", str(exim)], capture_output=True, text=True, timeout=60,
                            env={**os.environ, "LD_LIBRARY_PATH": exim_library_path(directory)})
@@ -399,7 +404,11 @@ begin acl
 acl_check_rcpt:
   accept condition = ${{if def:tls_in_peercert {{${{if inlist{{${{sha256:$tls_in_peercert}}}}{{{fps}}}}}}}{{no}}}}
   deny    message   = relay not permitted
+{self.spool_delivery()}""")
 
+    def spool_delivery(self) -> str:
+        """Routers and transports that deliver every message as one file in ``spool``."""
+        return f"""
 begin routers
 
 save:
@@ -413,7 +422,7 @@ save:
   directory = {self.spool}
   user = nobody
   create_directory = false
-""")
+"""
 
     def _prepare(self, proxy: bool = False) -> None:
         """The binary (``proxy``: the heavy build) and a directory of its own for Exim's spool and logs, and
@@ -523,18 +532,3 @@ queue_only = true
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-class LogReadyProcess(Process):
-    """A foreground daemon that is ready once its log says ``ready`` — for a proxy, whose port cannot be
-    probed without opening a session through it (an extra connection to its upstream)."""
-
-    def __init__(self, argv: list[str], port: int, log: Path, ready: str, timeout: float = 20) -> None:
-        self.log = log
-        self.port = port
-        self._fh = open(log, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self._fh, stderr=subprocess.STDOUT)
-        content = self.wait_log(ready, timeout)
-        if ready not in content:
-            self.stop()
-            raise RuntimeError(f"{argv[0]} did not say {ready!r} within {timeout}s\n{content}")

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from realpeers import free_port, unavailable, wait_port
+from realpeers import end, free_port, unavailable, unpack_packages, wait_port
 
 SENDMAIL_DIR = Path(os.environ.get("CERTPROXY_SENDMAIL_DIR", "/tmp/certproxy-sendmail"))
 SENDMAIL_PACKAGES = ("sendmail-bin", "sendmail-cf", "m4")
@@ -89,27 +89,7 @@ def sendmail_tree() -> Path:
             unavailable(f"sendmail needs {tool} (util-linux / libc-bin)")
     binary, m4 = SENDMAIL_DIR / BINARY, SENDMAIL_DIR / "usr/bin/m4"
     if not (binary.exists() and m4.exists()):
-        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-            unavailable(f"{binary} is missing and apt-get/dpkg-deb are not available to fetch it")
-        packages = [*SENDMAIL_PACKAGES, *_missing_library_packages()]
-        tmp = Path(tempfile.mkdtemp(prefix="certproxy-sendmail-dl-"))
-        try:
-            r = subprocess.run(["apt-get", "download", *packages], cwd=tmp, capture_output=True, text=True,
-                               timeout=300)
-            debs = sorted(tmp.glob("*.deb"))
-            if r.returncode != 0 or len(debs) != len(packages):
-                unavailable(f"apt-get download {' '.join(packages)} failed: {r.stdout}{r.stderr}")
-            tree = tmp / "tree"
-            for deb in debs:
-                subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True, timeout=120)
-            SENDMAIL_DIR.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                tree.rename(SENDMAIL_DIR)  # atomic: a concurrent run sees the whole tree or none
-            except OSError:
-                if not binary.exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        unpack_packages(SENDMAIL_DIR, (*SENDMAIL_PACKAGES, *_missing_library_packages()))
     mode = binary.stat().st_mode
     if mode & stat.S_ISGID:  # else the loader ignores LD_LIBRARY_PATH (and nothing here needs group mail)
         binary.chmod(mode & ~stat.S_ISGID)
@@ -232,13 +212,8 @@ class Sendmail:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            end(self.proc)
         if self._out is not None:
             self._out.close()
         shutil.rmtree(self.dir, ignore_errors=True)

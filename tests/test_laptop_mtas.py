@@ -508,21 +508,7 @@ local_interfaces = 127.0.0.1
 daemon_smtp_ports = {t} : {u} : {self.local_port}
 tls_advertise_hosts =
 log_selector = +proxy +incoming_port +incoming_interface
-{self.recipe(t, u)}
-begin routers
-
-save:
-  driver = accept
-  transport = save
-
-begin transports
-
-save:
-  driver = appendfile
-  directory = {self.spool}
-  user = nobody
-  create_directory = false
-""")
+{self.recipe(t, u)}{self.spool_delivery()}""")
 
     @staticmethod
     def recipe(trusted: int, untrusted: int) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from realpeers import (Exim, LogReadyProcess, Postfix, PostfixRelayClient, Process, free_port, require_tool, smtp_sink,
+from realpeers import (Exim, Postfix, PostfixRelayClient, Process, free_port, require_tool, smtp_sink,
                        stunnel, wait_files)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,12 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def certproxy_client(tmp_path: Path, upstream: int, mode: str, pair, pin: str, *extra: str,
                      name: str = "client") -> Process:
-    """certproxy client (a process, as a user runs it) on a free port, relaying to 127.0.0.1:``upstream``.
-    Ready when it logs ``listening``: probing its port would open a session to the upstream."""
+    """certproxy client (a process, as a user runs it) on a free port, relaying to 127.0.0.1:``upstream``."""
     port = free_port()
-    return LogReadyProcess([sys.executable, str(ROOT / "certproxy.py"), "client", "--upstream", f"127.0.0.1:{upstream}",
+    return Process([sys.executable, str(ROOT / "certproxy.py"), "client", "--upstream", f"127.0.0.1:{upstream}",
                     f"--{mode}", "--listen", f"127.0.0.1:{port}", "--cert", str(pair.cert), "--key", str(pair.key),
-                    "--pin", pin, *extra], port, tmp_path / f"{name}.log", "listening ")
+                    "--pin", pin, *extra], port, tmp_path / f"{name}.log")
 
 
 def swaks(port: int, *args: str, body: str) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from realpeers import LogReadyProcess, Process, free_port, require_tool, smtp_sink, wait_files
+from realpeers import Process, free_port, require_tool, smtp_sink, wait_files
 from sendmail_peer import Sendmail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,10 +280,10 @@ class TestSendmailOnTheLaptop:
         server = certproxy_server(tmp_path, sink_proc.port, *server_args(certs, "--tls"))
         try:
             port = free_port()
-            client = LogReadyProcess([sys.executable, str(ROOT / "certproxy.py"), "client", "--upstream",
+            client = Process([sys.executable, str(ROOT / "certproxy.py"), "client", "--upstream",
                                       f"127.0.0.1:{server.port}", "--tls", "--listen", f"127.0.0.1:{port}",
                                       "--cert", str(certs.client.cert), "--key", str(certs.client.key),
-                                      "--pin", certs.server.fp], port, tmp_path / "client.log", "listening ")
+                                      "--pin", certs.server.fp], port, tmp_path / "client.log")
             try:
                 with Sendmail("laptop.certproxy.test", relay_port=client.port) as sm:
                     qid = sm.submit(SENDER, RECIPIENT, message("sendmail via certproxy client"))
